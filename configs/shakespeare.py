@@ -1,0 +1,21 @@
+"""nanoGPT's GPU-sized character model of Tiny Shakespeare (10.7M parameters).
+
+6 layers, 6 heads, 384 wide, block 256, batch 64, dropout 0.2, 5000 steps,
+lr 1e-3 decaying to 1e-4, beta2 0.99. A few minutes on one GPU; far longer
+on a CPU.
+"""
+
+from gptjax.config import base_config
+
+
+def get_config(size=None):
+    c = base_config()
+    c.workdir = "runs/shakespeare"
+    c.model.n_layer, c.model.n_head, c.model.n_embd, c.model.block_size = 6, 6, 384, 256
+    c.model.dropout = 0.2
+    c.train.steps, c.train.batch_size = 5000, 64
+    c.train.lr, c.train.min_lr, c.train.warmup_steps, c.train.beta2 = 1e-3, 1e-4, 100, 0.99
+    c.train.eval_every, c.train.eval_steps = 250, 200
+    c.train.checkpoint_every = 1000
+    c.data.dataset, c.data.tokenizer = "tinyshakespeare", "char"
+    return c

@@ -1,0 +1,20 @@
+"""nanoGPT's CPU "baby GPT": char-level Tiny Shakespeare, 0.8M parameters.
+
+4 layers, 4 heads, 128 wide, block 64, batch 12, 2000 steps, lr 1e-3 decaying
+to 1e-4 after 100 warm-up steps, beta2 0.99, no dropout; eval every 250 steps
+over 20 batches. Trains in about a minute on a laptop CPU.
+"""
+
+from gptjax.config import base_config
+
+
+def get_config(size=None):
+    c = base_config()
+    c.workdir = "runs/tiny"
+    c.model.n_layer, c.model.n_head, c.model.n_embd, c.model.block_size = 4, 4, 128, 64
+    c.model.dropout = 0.0
+    c.train.steps, c.train.batch_size = 2000, 12
+    c.train.lr, c.train.min_lr, c.train.warmup_steps, c.train.beta2 = 1e-3, 1e-4, 100, 0.99
+    c.train.eval_every, c.train.eval_steps = 250, 20
+    c.data.dataset, c.data.tokenizer = "tinyshakespeare", "char"
+    return c

@@ -1,0 +1,3 @@
+"""gptjax: train GPT-style decoder-only language models in JAX/Flax."""
+
+__version__ = "0.1.0"

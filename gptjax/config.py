@@ -1,0 +1,154 @@
+"""Defaults, model-size presets and validation for the run configuration.
+
+A run is described by one `ml_collections.ConfigDict` with four sections
+(`model`, `train`, `data`, `mesh`) and a `workdir`. Config files under
+`configs/` start from `base_config()` and change what they need; the command
+line overrides single keys (`--config.model.n_layer=6`).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import ml_collections
+
+from gptjax.errors import UserError
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.workdir = "runs/default"
+
+    c.model = ml_collections.ConfigDict()
+    c.model.n_layer = 4
+    c.model.n_head = 4
+    c.model.n_embd = 128
+    c.model.block_size = 64
+    c.model.dropout = 0.0
+    c.model.bias = False  # biases in Dense layers and LayerNorms
+    c.model.qkv_bias = False  # biases in the query/key/value projection
+    c.model.tie_embeddings = True  # output projection = token embedding^T
+    c.model.activation = "gelu"  # gelu | relu
+    c.model.vocab_size = 0  # 0: taken from the tokenizer
+    c.model.dtype = "float32"  # compute dtype: float32 | bfloat16
+    c.model.param_dtype = "float32"  # master weights
+    c.model.attention = "auto"  # auto | xla | dot_product | cudnn
+    c.model.remat = False
+
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 2000
+    c.train.batch_size = 12  # global batch, in sequences
+    c.train.lr = 1e-3
+    c.train.min_lr = 1e-4
+    c.train.warmup_steps = 100
+    c.train.decay_steps = 0  # 0: decay over all of train.steps
+    c.train.weight_decay = 0.1
+    c.train.beta1 = 0.9
+    c.train.beta2 = 0.99
+    c.train.grad_clip = 1.0  # global-norm clipping; 0 disables
+    c.train.eval_every = 250
+    c.train.eval_steps = 20
+    c.train.log_every = 10
+    c.train.checkpoint_every = 500
+    c.train.keep_checkpoints = 3
+    c.train.seed = 1337
+    c.train.grad_accum = 1
+    c.train.steps_per_call = 1
+
+    c.data = ml_collections.ConfigDict()
+    c.data.dataset = "tinyshakespeare"
+    c.data.path = ""  # a local text file instead of the named dataset
+    c.data.tokenizer = "char"
+    c.data.vocab_size = 0
+    c.data.val_fraction = 0.1
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # -1: all devices not used by the other axes
+    c.mesh.fsdp = 1
+    c.mesh.tensor = 1
+    return c
+
+
+def _require(cond: bool, msg: str) -> None:
+    if not cond:
+        raise UserError(msg)
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+    """Raise a UserError that names the key and the fix for any bad value."""
+    m, t = c.model, c.train
+    for key in ("n_layer", "n_head", "n_embd", "block_size"):
+        _require(m[key] >= 1, f"model.{key} must be a positive integer, got {m[key]}.")
+    _require(
+        m.n_embd % m.n_head == 0,
+        f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head}); "
+        f"pick e.g. --config.model.n_embd={max(1, round(m.n_embd / m.n_head)) * m.n_head}.",
+    )
+    _require(0.0 <= m.dropout < 1.0, f"model.dropout must be in [0, 1), got {m.dropout}.")
+    _require(m.activation in ("gelu", "relu"), f"model.activation must be 'gelu' or 'relu', got {m.activation!r}.")
+    for key in ("dtype", "param_dtype"):
+        _require(m[key] in ("float32", "bfloat16"), f"model.{key} must be 'float32' or 'bfloat16', got {m[key]!r}.")
+    _require(
+        m.attention in ("auto", "xla", "dot_product", "cudnn"),
+        f"model.attention must be one of auto, xla, dot_product, cudnn; got {m.attention!r}.",
+    )
+    for key in ("steps", "batch_size", "eval_every", "eval_steps", "log_every", "checkpoint_every",
+                "grad_accum", "steps_per_call"):
+        _require(t[key] >= 1, f"train.{key} must be a positive integer, got {t[key]}.")
+    _require(t.lr > 0, f"train.lr must be positive, got {t.lr}.")
+    _require(0 <= t.min_lr <= t.lr, f"train.min_lr must be in [0, train.lr], got {t.min_lr}.")
+    _require(t.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {t.warmup_steps}.")
+    _require(
+        t.batch_size % t.grad_accum == 0,
+        f"train.batch_size ({t.batch_size}) must be divisible by train.grad_accum ({t.grad_accum}).",
+    )
+    _require(0.0 < c.data.val_fraction < 1.0, f"data.val_fraction must be in (0, 1), got {c.data.val_fraction}.")
+    _require(c.workdir != "", "workdir is empty; pass --workdir DIR.")
+
+
+def to_json(c: ml_collections.ConfigDict) -> str:
+    return json.dumps(c.to_dict(), indent=2, sort_keys=True)
+
+
+def from_json(text: str) -> ml_collections.ConfigDict:
+    """Rebuild a config saved in a workdir, filling keys newer code added."""
+    saved = json.loads(text)
+    c = base_config()
+    _merge(c, saved)
+    return c
+
+
+def _merge(c: ml_collections.ConfigDict, d: dict) -> None:
+    with c.unlocked():
+        for k, v in d.items():
+            if isinstance(v, dict) and k in c and isinstance(c[k], ml_collections.ConfigDict):
+                _merge(c[k], v)
+            else:
+                c[k] = v
+
+
+def parse_flags_or_exit(argv: list[str], flag_values) -> list[str]:
+    """absl flags parser that turns bad overrides into one clear line.
+
+    ml_collections raises a bare AttributeError for an unknown key
+    (`--config.model.n_lyer=6`) and absl prints its own FATAL line for a bad
+    value; both become `error: ...` with the key and the fix.
+    """
+    from absl import flags
+
+    try:
+        return flag_values(argv)
+    except flags.Error as e:
+        print(f"error: {e}\nRun with --helpfull to list the flags.", file=sys.stderr)
+    except (AttributeError, KeyError) as e:
+        msg = str(e).strip("'\"").replace("\\n", " ").replace("\\'", "'")
+        bad = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
+        print(
+            f"error: unknown config key in an override ({', '.join(bad) or 'see the command line'}): {msg}. "
+            "Config keys live in the sections model, train, data and mesh; see README 'Configuration'.",
+            file=sys.stderr,
+        )
+    except (ValueError, TypeError, OSError, SyntaxError) as e:
+        print(f"error: bad --config: {e}", file=sys.stderr)
+    sys.exit(2)

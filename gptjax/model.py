@@ -1,0 +1,223 @@
+"""The GPT decoder, in Flax NNX.
+
+GPT -> Block x n_layer -> (CausalSelfAttention, MLP), pre-LayerNorm, as in
+GPT-2 and nanoGPT. Every parameter carries `logical_axes` metadata (names such
+as "embed", "heads", "mlp", "vocab"); `gptjax/sharding.py` maps those names to
+mesh axes, so the model itself knows nothing about devices.
+
+Calling the model:
+  logits = model(tokens_BxT)                                  # training / eval
+  logits, cache = model(tokens_BxS, cache=cache, pos=p)       # cached decoding
+`cache` holds the keys and values of every layer (see `init_cache`); the call
+writes positions p..p+S-1 and attends to everything before them.
+Dropout takes an explicit `dropout_key`, so the train step is a pure function
+of (state, batch, step).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def _normal(std: float):
+    return nnx.initializers.normal(stddev=std)
+
+
+def dropout(x, rate: float, key):
+    if key is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+def _subkey(key, i: int):
+    return None if key is None else jax.random.fold_in(key, i)
+
+
+def causal_attention(q, k, v, impl: str):
+    """Softmax(q k^T / sqrt(d) + causal mask) v for [B, T, H, D] inputs."""
+    if impl in ("dot_product", "cudnn"):
+        return jax.nn.dot_product_attention(
+            q, k, v, is_causal=True, implementation="cudnn" if impl == "cudnn" else None
+        )
+    T = q.shape[1]
+    mask = jnp.tril(jnp.ones((T, T), dtype=bool))
+    return _masked_attention(q, k, v, mask)
+
+
+def _masked_attention(q, k, v, mask_QxK):
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * scale
+    scores = jnp.where(mask_QxK, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+
+
+class CausalSelfAttention(nnx.Module):
+    def __init__(self, cfg, *, rngs: nnx.Rngs):
+        D, H = cfg.n_embd, cfg.n_head
+        self.n_head, self.head_dim = H, D // H
+        self.dropout_rate = cfg.dropout
+        self.impl = cfg.attention
+        dtype, pdtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
+        self.qkv = nnx.Linear(
+            D, 3 * D, use_bias=cfg.qkv_bias, dtype=dtype, param_dtype=pdtype, rngs=rngs,
+            kernel_init=_normal(0.02), kernel_metadata={"logical_axes": ("embed", "qkv")},
+            bias_metadata={"logical_axes": ("qkv",)},
+        )
+        # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer).
+        self.proj = nnx.Linear(
+            D, D, use_bias=cfg.bias, dtype=dtype, param_dtype=pdtype, rngs=rngs,
+            kernel_init=_normal(0.02 / math.sqrt(2 * cfg.n_layer)),
+            kernel_metadata={"logical_axes": ("heads", "embed")},
+            bias_metadata={"logical_axes": ("embed",)},
+        )
+
+    def __call__(self, x_BxTxD, *, cache=None, pos=None, dropout_key=None):
+        B, T, D = x_BxTxD.shape
+        qkv = self.qkv(x_BxTxD).reshape(B, T, 3, self.n_head, self.head_dim)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        if cache is None:
+            y = causal_attention(q, k, v, self.impl)
+        else:
+            k_all = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, pos, 0, 0))
+            v_all = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, pos, 0, 0))
+            cache = {"k": k_all, "v": v_all}
+            q_pos = pos + jnp.arange(T)
+            mask = jnp.arange(k_all.shape[1])[None, :] <= q_pos[:, None]
+            y = _masked_attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask)
+        y = self.proj(y.reshape(B, T, D))
+        return dropout(y, self.dropout_rate, dropout_key), cache
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg, *, rngs: nnx.Rngs):
+        D = cfg.n_embd
+        dtype, pdtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
+        self.fc = nnx.Linear(
+            D, 4 * D, use_bias=cfg.bias, dtype=dtype, param_dtype=pdtype, rngs=rngs,
+            kernel_init=_normal(0.02), kernel_metadata={"logical_axes": ("embed", "mlp")},
+            bias_metadata={"logical_axes": ("mlp",)},
+        )
+        self.proj = nnx.Linear(
+            4 * D, D, use_bias=cfg.bias, dtype=dtype, param_dtype=pdtype, rngs=rngs,
+            kernel_init=_normal(0.02 / math.sqrt(2 * cfg.n_layer)),
+            kernel_metadata={"logical_axes": ("mlp", "embed")},
+            bias_metadata={"logical_axes": ("embed",)},
+        )
+        self.activation = cfg.activation
+        self.dropout_rate = cfg.dropout
+
+    def hidden(self, x_BxTxD):
+        h = self.fc(x_BxTxD)
+        # Exact (erf) GELU, as nanoGPT's nn.GELU.
+        return jax.nn.relu(h) if self.activation == "relu" else jax.nn.gelu(h, approximate=False)
+
+    def __call__(self, x_BxTxD, *, dropout_key=None):
+        return dropout(self.proj(self.hidden(x_BxTxD)), self.dropout_rate, dropout_key)
+
+
+def _layer_norm(cfg, rngs):
+    return nnx.LayerNorm(
+        cfg.n_embd, epsilon=1e-5, use_bias=cfg.bias, dtype=DTYPES[cfg.dtype],
+        param_dtype=DTYPES[cfg.param_dtype], rngs=rngs,
+        scale_metadata={"logical_axes": ("embed",)}, bias_metadata={"logical_axes": ("embed",)},
+    )
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg, *, rngs: nnx.Rngs):
+        self.ln_1 = _layer_norm(cfg, rngs)
+        self.attn = CausalSelfAttention(cfg, rngs=rngs)
+        self.ln_2 = _layer_norm(cfg, rngs)
+        self.mlp = MLP(cfg, rngs=rngs)
+
+    def __call__(self, x, *, cache=None, pos=None, dropout_key=None):
+        a, cache = self.attn(self.ln_1(x), cache=cache, pos=pos, dropout_key=_subkey(dropout_key, 0))
+        x = x + a
+        x = x + self.mlp(self.ln_2(x), dropout_key=_subkey(dropout_key, 1))
+        return x, cache
+
+
+class GPT(nnx.Module):
+    def __init__(self, cfg, *, rngs: nnx.Rngs):
+        """`cfg` is the `model` section of the run config, with vocab_size set."""
+        if cfg.vocab_size < 1:
+            raise ValueError("model.vocab_size must be set (from the tokenizer) before building the model")
+        self.cfg = ml_collections.FrozenConfigDict(cfg)  # hashable: graphdefs can be static jit args
+        dtype, pdtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
+        self.wte = nnx.Embed(
+            cfg.vocab_size, cfg.n_embd, dtype=dtype, param_dtype=pdtype, rngs=rngs,
+            embedding_init=_normal(0.02), embedding_metadata={"logical_axes": ("vocab", "embed")},
+        )
+        self.wpe = nnx.Embed(
+            cfg.block_size, cfg.n_embd, dtype=dtype, param_dtype=pdtype, rngs=rngs,
+            embedding_init=_normal(0.02), embedding_metadata={"logical_axes": (None, "embed")},
+        )
+        self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layer)])
+        self.ln_f = _layer_norm(cfg, rngs)
+        if not cfg.tie_embeddings:
+            self.lm_head = nnx.Linear(
+                cfg.n_embd, cfg.vocab_size, use_bias=False, dtype=dtype, param_dtype=pdtype, rngs=rngs,
+                kernel_init=_normal(0.02), kernel_metadata={"logical_axes": ("embed", "vocab")},
+            )
+
+    def __call__(self, tokens_BxT, *, cache=None, pos=0, dropout_key=None):
+        B, T = tokens_BxT.shape
+        positions = pos + jnp.arange(T)
+        x = self.wte(tokens_BxT) + self.wpe(positions)[None]
+        x = dropout(x, self.cfg.dropout, _subkey(dropout_key, self.cfg.n_layer))
+        new_cache = [] if cache is not None else None
+        for i, block in enumerate(self.blocks):
+            layer_cache = None if cache is None else cache[i]
+            x, layer_cache = block(x, cache=layer_cache, pos=pos, dropout_key=_subkey(dropout_key, i))
+            if cache is not None:
+                new_cache.append(layer_cache)
+        x = self.ln_f(x)
+        logits = self.wte.attend(x) if self.cfg.tie_embeddings else self.lm_head(x)
+        logits = logits.astype(jnp.float32)
+        return logits if cache is None else (logits, new_cache)
+
+
+def init_cache(cfg, batch_size: int, max_len: int | None = None, dtype=None):
+    """Zeroed keys/values for every layer: [B, max_len, n_head, head_dim] each."""
+    max_len = max_len or cfg.block_size
+    dtype = dtype or DTYPES[cfg.dtype]
+    shape = (batch_size, max_len, cfg.n_head, cfg.n_embd // cfg.n_head)
+    return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.n_layer)]
+
+
+def param_counts(params) -> dict[str, int]:
+    """Parameters per top-level module ("blocks.0", "wte", ...) from a pure dict."""
+    counts: dict[str, int] = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        keys = [str(getattr(p, "key", getattr(p, "idx", p))) for p in path]
+        name = ".".join(keys[:2]) if keys[0] == "blocks" else keys[0]
+        counts[name] = counts.get(name, 0) + int(leaf.size)
+    return counts
+
+
+def count_params(params, exclude_embeddings: bool = False) -> int:
+    counts = param_counts(params)
+    total = sum(counts.values())
+    if exclude_embeddings:
+        total -= counts.get("wte", 0) + counts.get("wpe", 0)
+    return total
+
+
+def logical_axes(model: nnx.Module):
+    """Pure-dict tree of each parameter's logical axis names (None = replicated)."""
+    _, state = nnx.split(model)
+
+    def axes(v):
+        names = v.get_metadata().get("logical_axes") if hasattr(v, "get_metadata") else None
+        return tuple(names) if names is not None else (None,) * v.value.ndim
+
+    return nnx.to_pure_dict(jax.tree.map(axes, state, is_leaf=lambda x: isinstance(x, nnx.Variable)))

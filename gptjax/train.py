@@ -1,0 +1,308 @@
+"""`python -m gptjax.train --config configs/tiny.py [--config.KEY=VALUE ...] [--workdir DIR]`
+
+Builds the tokenizer and token arrays, initialises the model (or resumes from
+the newest checkpoint in the workdir), and runs one `jax.jit`-compiled train
+step per batch, evaluating, logging and checkpointing on the way.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import app, flags, logging
+from flax import nnx
+from ml_collections import config_flags
+
+from gptjax import config as config_lib
+from gptjax import data as data_lib
+from gptjax import model as model_lib
+from gptjax import sharding
+from gptjax.checkpoint import Checkpointer, abstract_like
+from gptjax.errors import UserError, exit_with
+from gptjax.metrics import MetricsLog
+from gptjax.tokenizers import CharTokenizer, load_tokenizer
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Run config file (optionally FILE:SIZE).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run folder; default: the config's workdir.")
+
+
+# ----------------------------------------------------------------------------- data
+
+def prepare_data(cfg, workdir: str):
+    """Tokenizer (restored from the workdir when there is one) and id arrays."""
+    train_text, val_text = data_lib.load_splits(cfg.data)
+    tok_dir = os.path.join(workdir, "tokenizer")
+    if os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
+        tokenizer = load_tokenizer(tok_dir)
+    else:
+        if cfg.data.tokenizer != "char":
+            raise UserError(f"unknown tokenizer {cfg.data.tokenizer!r}; known: char.")
+        # The vocabulary covers the whole dataset so that validation text encodes too.
+        tokenizer = CharTokenizer.from_text(train_text + val_text)
+        tokenizer.save(tok_dir)
+    train_ids = tokenizer.encode(train_text)
+    val_ids = tokenizer.encode(val_text)
+    data_lib.check_length(train_ids, cfg.model.block_size, "training")
+    data_lib.check_length(val_ids, cfg.model.block_size, "validation")
+    return tokenizer, train_ids, val_ids
+
+
+# ----------------------------------------------------------------------------- model + optimizer
+
+def abstract_model(model_cfg):
+    return nnx.eval_shape(lambda: model_lib.GPT(model_cfg, rngs=nnx.Rngs(0)))
+
+
+def init_params(model_cfg, seed: int, shardings=None):
+    def init():
+        return nnx.to_pure_dict(nnx.state(model_lib.GPT(model_cfg, rngs=nnx.Rngs(seed))))
+
+    return jax.jit(init, out_shardings=shardings)()
+
+
+def make_optimizer(t):
+    """AdamW with linear warm-up then cosine decay to min_lr.
+
+    Weight decay applies to matrices (Dense kernels, token and position
+    embeddings), as in nanoGPT; never to biases or LayerNorm parameters.
+    """
+    decay_steps = max(t.decay_steps or t.steps, t.warmup_steps + 1)
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=t.lr, warmup_steps=t.warmup_steps,
+        decay_steps=decay_steps, end_value=t.min_lr,
+    )
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+    parts = [optax.clip_by_global_norm(t.grad_clip)] if t.grad_clip > 0 else []
+    parts.append(optax.adamw(schedule, b1=t.beta1, b2=t.beta2, weight_decay=t.weight_decay, mask=decay_mask))
+    return optax.chain(*parts), schedule
+
+
+def loss_fn(graphdef, params, x, y, dropout_key=None):
+    logits = nnx.merge(graphdef, params)(x, dropout_key=dropout_key)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+
+def make_train_step(graphdef, tx, seed: int, dropout: float, state_sh, batch_sh, scalar_sh):
+    base_key = jax.random.key(seed)
+
+    def train_step(state, x, y):
+        key = jax.random.fold_in(base_key, state["step"]) if dropout > 0 else None
+        loss, grads = jax.value_and_grad(lambda p: loss_fn(graphdef, p, x, y, key))(state["params"])
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1}
+        return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+
+    return jax.jit(
+        train_step,
+        in_shardings=(state_sh, batch_sh, batch_sh),
+        out_shardings=(state_sh, scalar_sh),
+        donate_argnums=0,
+    )
+
+
+def make_eval_step(graphdef, params_sh, batch_sh, scalar_sh):
+    return jax.jit(
+        lambda params, x, y: loss_fn(graphdef, params, x, y),
+        in_shardings=(params_sh, batch_sh, batch_sh),
+        out_shardings=scalar_sh,
+    )
+
+
+# ----------------------------------------------------------------------------- the run
+
+class Run:
+    """Everything a training run holds: data, compiled steps, state, outputs."""
+
+    def __init__(self, cfg, workdir: str, quiet: bool = False):
+        config_lib.validate(cfg)
+        self.cfg, self.workdir, self.quiet = cfg, workdir, quiet
+        os.makedirs(workdir, exist_ok=True)
+        self.tokenizer, self.train_ids, self.val_ids = prepare_data(cfg, workdir)
+        with cfg.unlocked():
+            cfg.model.vocab_size = self.tokenizer.vocab_size
+        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+            f.write(config_lib.to_json(cfg))
+
+        t = cfg.train
+        self.mesh = sharding.make_mesh(cfg.mesh)
+        sharding.check_batch(t.batch_size, self.mesh)
+        self.batch_sh = sharding.batch_sharding(self.mesh)
+        self.scalar_sh = sharding.replicated(self.mesh)
+
+        abstract = abstract_model(cfg.model)
+        self.graphdef = nnx.graphdef(abstract)
+        self.params_sh = sharding.param_shardings(model_lib.logical_axes(abstract), self.mesh)
+        self.tx, self.schedule = make_optimizer(t)
+
+        params = init_params(cfg.model, t.seed, self.params_sh)
+        opt_state = jax.jit(self.tx.init)(params)
+        self.opt_sh = jax.tree.map(lambda a: a.sharding, opt_state)
+        self.state = {"params": params, "opt_state": opt_state,
+                      "step": jax.device_put(jnp.zeros((), jnp.int32), self.scalar_sh)}
+        self.state_sh = {"params": self.params_sh, "opt_state": self.opt_sh, "step": self.scalar_sh}
+
+        self.ckpt = Checkpointer(workdir, keep=t.keep_checkpoints)
+        self.metrics = MetricsLog(workdir, enabled=jax.process_index() == 0)
+        self.resumed_from = self._maybe_restore()
+
+        self.train_step = make_train_step(
+            self.graphdef, self.tx, t.seed, cfg.model.dropout, self.state_sh, self.batch_sh, self.scalar_sh
+        )
+        self.eval_step = make_eval_step(self.graphdef, self.params_sh, self.batch_sh, self.scalar_sh)
+        self.tokens_per_step = t.batch_size * cfg.model.block_size
+        self._eval_batches = {}
+
+    def _maybe_restore(self) -> int | None:
+        step = self.ckpt.latest_step()
+        if step is None:
+            return None
+        params, opt_state, meta = self.ckpt.restore(
+            step,
+            abstract_like(self.state["params"], self.params_sh),
+            abstract_like(self.state["opt_state"], self.opt_sh),
+        )
+        self.state = {"params": params, "opt_state": opt_state,
+                      "step": jax.device_put(jnp.asarray(meta["step"], jnp.int32), self.scalar_sh)}
+        self.metrics.truncate_after(meta["step"])
+        return int(meta["step"])
+
+    def log(self, msg: str) -> None:
+        if not self.quiet and jax.process_index() == 0:
+            print(msg, flush=True)
+
+    def describe(self) -> None:
+        params = self.state["params"]
+        counts = model_lib.param_counts(params)
+        total = sum(counts.values())
+        m = self.cfg.model
+        self.log(f"devices: {sharding.describe_devices()}; mesh {dict(self.mesh.shape)}")
+        self.log(f"data: {self.cfg.data.path or self.cfg.data.dataset}; train {len(self.train_ids):,} tokens, "
+                 f"val {len(self.val_ids):,} tokens; tokenizer {self.tokenizer.kind}, vocab {self.tokenizer.vocab_size}")
+        self.log(f"model: {m.n_layer} layers, {m.n_head} heads, {m.n_embd} wide, block {m.block_size}")
+        width = max(len(k) for k in counts)
+        for name, n in counts.items():
+            self.log(f"  {name:<{width}}  {n:>12,}")
+        self.log(f"  {'total':<{width}}  {total:>12,}  ({model_lib.count_params(params, True):,} without embeddings)")
+
+    def batch(self, ids, step: int, stream: int):
+        x, y = data_lib.get_batch(ids, self.cfg.model.block_size, self.cfg.train.batch_size,
+                                  self.cfg.train.seed, step, stream)
+        return sharding.to_global(x, self.mesh), sharding.to_global(y, self.mesh)
+
+    def evaluate(self) -> dict:
+        out = {}
+        for split, ids, stream in (("train", self.train_ids, data_lib.EVAL_TRAIN_STREAM),
+                                   ("val", self.val_ids, data_lib.EVAL_VAL_STREAM)):
+            if split not in self._eval_batches:  # the same batches at every eval: comparable numbers
+                self._eval_batches[split] = [self.batch(ids, i, stream) for i in range(self.cfg.train.eval_steps)]
+            losses = [self.eval_step(self.state["params"], x, y) for x, y in self._eval_batches[split]]
+            out[f"{split}_loss"] = float(np.mean(jax.device_get(losses)))
+        return out
+
+    def save(self, step: int, force: bool = False) -> None:
+        self.ckpt.save(step, self.state["params"], self.state["opt_state"], {"step": step}, force=force)
+
+    def train(self, stop_at: int | None = None) -> dict:
+        """Train to train.steps (or stop early after step `stop_at`, saving there)."""
+        cfg, t = self.cfg, self.cfg.train
+        self.describe()
+        start = int(jax.device_get(self.state["step"]))
+        if self.resumed_from is not None:
+            self.log(f"resumed from the checkpoint at step {start} in {self.ckpt.directory}")
+        if start >= t.steps:
+            self.log(f"nothing to do: already at step {start} of train.steps={t.steps}")
+            self.ckpt.close()
+            return {"step": start}
+
+        from tqdm import tqdm
+
+        bar = tqdm(total=t.steps, initial=start, disable=self.quiet or not sys.stderr.isatty(),
+                   unit="step", dynamic_ncols=True)
+        if start == 0:
+            ev = self.evaluate()
+            self.metrics.write({"step": 0, **ev})
+            self.log(f"step {0:>6} | eval: train {ev['train_loss']:.4f}, val {ev['val_loss']:.4f}")
+        best_val = float("inf")
+        pending, window_start, window_steps = [], time.perf_counter(), 0
+        t0 = time.perf_counter()
+        next_batch = self.batch(self.train_ids, start, data_lib.TRAIN_STREAM)
+        last = {}
+        for step in range(start, t.steps):
+            x, y = next_batch
+            self.state, out = self.train_step(self.state, x, y)
+            done = step + 1
+            if done < t.steps:  # prepared while the step runs
+                next_batch = self.batch(self.train_ids, done, data_lib.TRAIN_STREAM)
+            pending.append(out)
+            window_steps += 1
+            bar.update(1)
+
+            if done % t.log_every == 0 or done == t.steps:
+                outs = jax.device_get(pending)
+                elapsed = time.perf_counter() - window_start
+                loss = float(np.mean([o["loss"] for o in outs]))
+                rec = {"step": done, "train_loss": loss, "lr": float(self.schedule(done - 1)),
+                       "grad_norm": float(outs[-1]["grad_norm"]),
+                       "tokens_per_s": window_steps * self.tokens_per_step / elapsed}
+                self.metrics.write(rec)
+                last = rec
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tokens_per_s']:,.0f}")
+                if bar.disable and (done % max(t.log_every, t.steps // 20) == 0):
+                    self.log(f"step {done:>6} | loss {loss:.4f} | lr {rec['lr']:.2e} | "
+                             f"{rec['tokens_per_s']:,.0f} tok/s")
+                pending, window_start, window_steps = [], time.perf_counter(), 0
+
+            if done % t.eval_every == 0 or done == t.steps:
+                ev = self.evaluate()
+                best_val = min(best_val, ev["val_loss"])
+                self.metrics.write({"step": done, **ev})
+                bar.write(f"step {done:>6} | eval: train {ev['train_loss']:.4f}, val {ev['val_loss']:.4f}") \
+                    if not bar.disable else self.log(
+                        f"step {done:>6} | eval: train {ev['train_loss']:.4f}, val {ev['val_loss']:.4f}")
+                last.update(ev)
+                window_start = time.perf_counter()  # eval time is not training throughput
+
+            if done % t.checkpoint_every == 0 or done == t.steps or done == stop_at:
+                self.save(done)
+            if done == stop_at:
+                break
+        bar.close()
+        self.ckpt.close()
+        wall = time.perf_counter() - t0
+        self.log(f"done: {done - start} steps in {wall:.1f}s; best val loss {best_val:.4f}; "
+                 f"checkpoints in {self.ckpt.directory}; metrics in {self.metrics.path}")
+        return {"step": done, "wall_s": wall, "best_val_loss": best_val, **last}
+
+
+def resolve_workdir(cfg, flag_value: str | None) -> str:
+    workdir = flag_value or cfg.workdir
+    with cfg.unlocked():
+        cfg.workdir = workdir
+    return workdir
+
+
+def main(argv):
+    if len(argv) > 1:
+        exit_with(UserError(f"unexpected arguments {argv[1:]}; config keys go as --config.SECTION.KEY=VALUE."))
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    cfg = _CONFIG.value
+    try:
+        workdir = resolve_workdir(cfg, _WORKDIR.value)
+        Run(cfg, workdir).train()
+    except UserError as e:
+        exit_with(e)
+
+
+def run_main():
+    app.run(main, flags_parser=lambda argv: config_lib.parse_flags_or_exit(argv, flags.FLAGS))
+
+
+if __name__ == "__main__":
+    run_main()

@@ -1,0 +1,53 @@
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+SAMPLE_TEXT = (
+    "First Citizen:\nBefore we proceed any further, hear me speak.\n\n"
+    "All:\nSpeak, speak.\n\n"
+    "First Citizen:\nYou are all resolved rather to die than to famish?\n\n"
+    "All:\nResolved. resolved.\n\n"
+) * 40
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text(SAMPLE_TEXT, encoding="utf-8")
+    return str(path)
+
+
+def small_config(text_path, workdir, **overrides):
+    """A model small enough for a test to train in seconds."""
+    from configs.tiny import get_config
+
+    c = get_config()
+    c.workdir = str(workdir)
+    c.data.path = text_path
+    c.model.n_layer, c.model.n_head, c.model.n_embd, c.model.block_size = 2, 2, 32, 16
+    c.train.batch_size, c.train.steps, c.train.warmup_steps = 4, 20, 2
+    c.train.eval_every, c.train.eval_steps, c.train.log_every, c.train.checkpoint_every = 10, 2, 5, 10
+    for key, value in overrides.items():
+        section, name = key.split(".")
+        c[section][name] = value
+    return c
+
+
+def run_cli(*args, env=None, timeout=300):
+    """Run `python -m <args>` from the project root; returns CompletedProcess."""
+    full_env = dict(os.environ)
+    full_env.setdefault("JAX_PLATFORMS", "cpu")
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", *args], cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def shared_data_dir():
+    d = os.environ.get("GPTJAX_DATA_DIR")
+    return d if d and os.path.isdir(d) else None
