@@ -20,6 +20,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 from typing import Iterable, Iterator
 
@@ -30,9 +31,11 @@ from gptjax.errors import UserError
 TOKENIZER_FILE = "tokenizer.json"
 SP_MODEL_FILE = "sentencepiece.model"
 EOT = "<|endoftext|>"
-# sentencepiece writes spaces as U+2581; a literal U+2581 would decode to a
-# space, so it is encoded through its UTF-8 bytes instead.
+# sentencepiece writes spaces as U+2581; a literal U+2581 in text would decode
+# to a space, and a literal end-of-text mark would become the end-of-text id,
+# so both are spelled in byte pieces instead (as GPT-2 keeps a literal mark text).
 SP_SPACE = "\u2581"
+_SP_LITERALS = re.compile(f"({re.escape(SP_SPACE)}|{re.escape(EOT)})")
 
 
 class CharTokenizer:
@@ -87,7 +90,11 @@ class CharTokenizer:
 
 
 class SentencePieceTokenizer:
-    """A sentencepiece model (BPE or unigram) with byte fallback."""
+    """A sentencepiece model (BPE or unigram) with byte fallback.
+
+    The end-of-text id only comes from the data pipeline (between documents),
+    never from text that happens to contain the mark.
+    """
 
     kind = "sentencepiece"
 
@@ -99,8 +106,8 @@ class SentencePieceTokenizer:
         n = self.sp.get_piece_size()
         eot = self.sp.piece_to_id(EOT)
         self._eot = eot if eot != self.sp.unk_id() and self.sp.id_to_piece(eot) == EOT else None
-        self._space_bytes = [self.sp.piece_to_id(f"<0x{b:02X}>") for b in SP_SPACE.encode("utf-8")]
-        if not all(self.sp.is_byte(i) for i in self._space_bytes):
+        self._byte_ids = [self.sp.piece_to_id(f"<0x{b:02X}>") for b in range(256)]
+        if not all(self.sp.is_byte(i) for i in self._byte_ids):
             raise UserError("sentencepiece model has no byte fallback; train it with byte_fallback=True "
                             "(or let gptjax train one: data.tokenizer=sentencepiece).")
         self._n = n
@@ -165,14 +172,15 @@ class SentencePieceTokenizer:
     def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
         out = []
         for text in texts:
-            if SP_SPACE not in text:
+            if SP_SPACE not in text and EOT not in text:
                 out.append(np.asarray(self.sp.encode(text), np.int32))
                 continue
-            parts = text.split(SP_SPACE)
-            ids = list(self.sp.encode(parts[0]))
-            for part in parts[1:]:
-                ids += self._space_bytes
-                ids += self.sp.encode(part)
+            ids = []
+            for i, part in enumerate(_SP_LITERALS.split(text)):
+                if i % 2:  # a literal meta space or end-of-text mark: spelled in bytes
+                    ids += [self._byte_ids[b] for b in part.encode("utf-8")]
+                elif part:
+                    ids += self.sp.encode(part)
             out.append(np.asarray(ids, np.int32))
         return out
 
