@@ -345,8 +345,8 @@ def load_hub(source: Source, split: str):
         reason = (str(e).splitlines() or [type(e).__name__])[0][:200]
         raise UserError(f"could not load the Hugging Face dataset {name}, split {split!r}: {reason}. "
                         + _offline_hint()) from None
-    if source.streaming and ds.column_names is None:
-        ds = ds._resolve_features()
+    if source.streaming and ds.column_names is None and hasattr(ds, "_resolve_features"):
+        ds = ds._resolve_features()  # a streamed dataset learns its columns from its first rows
     return _text_column(ds, source.text_field, f"hub dataset {name}")
 
 

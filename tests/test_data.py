@@ -215,6 +215,20 @@ def test_token_cache_is_reused_and_invalidated(tmp_path, cache, monkeypatch):
     assert "frog" in changed.tokenizer.decode(np.concatenate([changed.train_ids, changed.val_ids]))
 
 
+def test_streamed_rows_tokenize_like_downloaded_rows(tmp_path):
+    import datasets
+
+    from gptjax.tokenizers import CharTokenizer
+
+    tok = CharTokenizer.from_text("".join(STORIES) + "\n")
+    rows = datasets.Dataset.from_dict({"text": STORIES})
+    a = data_lib.write_tokens(rows, tok, True, str(tmp_path / "a.bin"), 1, "a")
+    b = data_lib.write_tokens(rows.to_iterable_dataset(), tok, True, str(tmp_path / "b.bin"), 1, "b")
+    assert a == b and a["docs"] == 4 and a["bytes"] == sum(len(s.encode()) for s in STORIES)
+    ids, _ = data_lib.read_tokens(str(tmp_path / "b.bin"))
+    assert tok.decode(ids) == "".join(s + "\n\n" for s in STORIES)  # char: a blank line between documents
+
+
 def test_failed_tokenization_leaves_nothing_in_the_cache(tmp_path, cache, monkeypatch):
     folder = write_folder(tmp_path / "docs", STORIES)
 
