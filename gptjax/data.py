@@ -544,7 +544,8 @@ def prepare(cfg, workdir: str | None, log=print) -> Prepared:
         return rows["train"], rows["val"], rows["docs"]
 
     tok_dir = os.path.join(workdir, "tokenizer") if workdir else None
-    if tok_dir and os.path.exists(os.path.join(tok_dir, tok_lib.TOKENIZER_FILE)):
+    # A workdir with checkpoints keeps its tokenizer (resume, sampling); one without is rebuilt freely.
+    if tok_dir and os.path.exists(os.path.join(tok_dir, tok_lib.TOKENIZER_FILE)) and _has_checkpoints(workdir):
         _check_same_data(tok_dir, data_id, workdir)
         tokenizer = tok_lib.load_tokenizer(tok_dir)
     else:
@@ -582,6 +583,11 @@ def prepare(cfg, workdir: str | None, log=print) -> Prepared:
 
 
 DATA_ID_FILE = "data.json"
+
+
+def _has_checkpoints(workdir: str) -> bool:
+    path = os.path.join(workdir, "checkpoints")
+    return os.path.isdir(path) and any(os.scandir(path))
 
 
 def _check_same_data(tok_dir: str, data_id: dict, workdir: str) -> None:

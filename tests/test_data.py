@@ -243,7 +243,10 @@ def test_failed_tokenization_leaves_nothing_in_the_cache(tmp_path, cache, monkey
 
 def test_resume_on_different_data_is_refused(tmp_path, cache, text_file):
     workdir = tmp_path / "run"
+    data_lib.prepare(data_config(text_file, tokenizer="sentencepiece", vocab_size=300), str(workdir),
+                     log=lambda *_: None)  # no checkpoint yet: the tokenizer is simply rebuilt
     data_lib.prepare(data_config(text_file), str(workdir), log=lambda *_: None)
+    (workdir / "checkpoints" / "10").mkdir(parents=True)  # a run to resume now exists
     data_lib.prepare(data_config(text_file), str(workdir), log=lambda *_: None)  # same data: fine
     with pytest.raises(UserError, match="different data tokenizer .* would tokenize differently"):
         data_lib.prepare(data_config(text_file, tokenizer="sentencepiece", vocab_size=300), str(workdir))
