@@ -70,7 +70,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.vocab_size = 0  # sentencepiece: vocabulary to train
     c.data.sp_model_type = "bpe"  # sentencepiece: bpe | unigram
     c.data.sp_max_chars = 5_000_000  # sentencepiece: cap on training characters (keeps training to seconds)
-    c.data.num_proc = 0  # tokenization processes; 0: one per core, at most 8
+    c.data.num_proc = 0  # tokenization threads; 0: one per core, at most 8
     c.data.val_fraction = 0.1  # where a source has no validation split
 
     c.mesh = ml_collections.ConfigDict()

@@ -453,11 +453,11 @@ def token_dtype(vocab_size: int):
     return np.uint16 if vocab_size <= 1 << 16 else np.uint32
 
 
-def _encode_rows(batch, tokenizer, sep):
+def _encode_rows(batch, tokenizer, sep, num_threads=1):
     from gptjax.tokenizers import encode_batch
 
     texts = batch["text"]
-    ids = encode_batch(tokenizer, texts)
+    ids = encode_batch(tokenizer, texts, num_threads)
     if sep is not None:
         ids = [np.concatenate([a, sep]) for a in ids]
     return {"ids": ids, "chars": [len(t) for t in texts], "bytes": [len(t.encode("utf-8")) for t in texts]}
@@ -472,7 +472,10 @@ def write_tokens(rows, tokenizer, docs: bool, path: str, num_proc: int, desc: st
         sep = (np.array([tokenizer.eot_id], np.int32) if tokenizer.eot_id is not None
                else tokenizer.encode("\n\n"))
     dtype = token_dtype(tokenizer.vocab_size)
-    fn = functools.partial(_encode_rows, tokenizer=tokenizer, sep=sep)
+    # Threads, not processes: the tokenizers' C++/Rust cores run in parallel without forking a
+    # process that may already hold JAX's threads.
+    threads = num_proc or min(8, os.cpu_count() or 1)
+    fn = functools.partial(_encode_rows, tokenizer=tokenizer, sep=sep, num_threads=threads)
     stats = {"tokens": 0, "chars": 0, "bytes": 0, "docs": 0}
     tmp = f"{path}.tmp{os.getpid()}"
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -481,7 +484,7 @@ def write_tokens(rows, tokenizer, docs: bool, path: str, num_proc: int, desc: st
             if isinstance(rows, datasets.IterableDataset):  # streamed: one pass, in this process
                 from tqdm import tqdm
 
-                for batch in tqdm(rows.map(fn, batched=True, remove_columns=["text"]).iter(batch_size=256),
+                for batch in tqdm(rows.map(fn, batched=True, batch_size=1000, remove_columns=["text"]).iter(1000),
                                   desc=desc, unit="batch", disable=None):
                     for ids in batch["ids"]:
                         f.write(np.asarray(ids, dtype).tobytes())
@@ -489,9 +492,7 @@ def write_tokens(rows, tokenizer, docs: bool, path: str, num_proc: int, desc: st
                     stats["bytes"] += sum(batch["bytes"])
                     stats["docs"] += len(batch["chars"])
             else:
-                nproc = num_proc or min(8, os.cpu_count() or 1)
-                nproc = nproc if len(rows) >= 64 * nproc and nproc > 1 else None
-                out = rows.map(fn, batched=True, batch_size=64, num_proc=nproc, remove_columns=rows.column_names,
+                out = rows.map(fn, batched=True, batch_size=1000, remove_columns=rows.column_names,
                                new_fingerprint=_digest([os.path.basename(path), len(rows)]), desc=desc)
                 for chunk in out.data.column("ids").chunks:
                     f.write(chunk.flatten().to_numpy(zero_copy_only=False).astype(dtype).tobytes())

@@ -232,7 +232,7 @@ def test_streamed_rows_tokenize_like_downloaded_rows(tmp_path):
 def test_failed_tokenization_leaves_nothing_in_the_cache(tmp_path, cache, monkeypatch):
     folder = write_folder(tmp_path / "docs", STORIES)
 
-    def broken(batch, tokenizer, sep):
+    def broken(batch, **_):
         raise UserError("tokenizer broke")
 
     monkeypatch.setattr(data_lib, "_encode_rows", broken)
