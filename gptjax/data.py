@@ -478,6 +478,7 @@ def write_tokens(rows, tokenizer, docs: bool, path: str, num_proc: int, desc: st
     fn = functools.partial(_encode_rows, tokenizer=tokenizer, sep=sep, num_threads=threads)
     stats = {"tokens": 0, "chars": 0, "bytes": 0, "docs": 0}
     tmp = f"{path}.tmp{os.getpid()}"
+    arrow_tmp = f"{path}.arrow.tmp{os.getpid()}"
     os.makedirs(os.path.dirname(path), exist_ok=True)
     try:
         with open(tmp, "wb") as f:
@@ -492,8 +493,11 @@ def write_tokens(rows, tokenizer, docs: bool, path: str, num_proc: int, desc: st
                     stats["bytes"] += sum(batch["bytes"])
                     stats["docs"] += len(batch["chars"])
             else:
+                # The mapped rows go to a scratch Arrow file beside ours (not the datasets cache),
+                # deleted once the ids are copied out.
                 out = rows.map(fn, batched=True, batch_size=1000, remove_columns=rows.column_names,
-                               new_fingerprint=_digest([os.path.basename(path), len(rows)]), desc=desc)
+                               cache_file_name=arrow_tmp, load_from_cache_file=False, desc=desc,
+                               new_fingerprint=_digest([os.path.basename(path), len(rows)]))
                 for chunk in out.data.column("ids").chunks:
                     f.write(chunk.flatten().to_numpy(zero_copy_only=False).astype(dtype).tobytes())
                 stats["chars"] = sum(out["chars"])
@@ -507,8 +511,8 @@ def write_tokens(rows, tokenizer, docs: bool, path: str, num_proc: int, desc: st
             json.dump(stats, f)
         os.replace(meta_tmp, path + ".json")
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        for leftover in glob.glob(glob.escape(tmp) + "*") + glob.glob(glob.escape(arrow_tmp) + "*"):
+            os.remove(leftover)
     return stats
 
 
