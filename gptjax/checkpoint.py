@@ -14,9 +14,12 @@ Nothing here unpickles: arrays are tensorstore, everything else JSON.
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import shutil
+import sys
+import tempfile
 import time
 
 import jax
@@ -119,25 +122,28 @@ class Checkpointer:
         step could not happen otherwise). If none restores, nothing is moved
         and a UserError lists why each failed.
         """
-        failed = [(s, "incomplete: no orbax commit metadata") for s in self._uncommitted_step_dirs()]
+        failed = [(s, "incomplete: no orbax commit metadata", "") for s in self._uncommitted_step_dirs()]
         for step in reversed(self.steps()):
-            try:
-                params, opt_state, meta = self.restore(step, abstract_params, abstract_opt_state)
-            except Exception as e:  # orbax/tensorstore raise many types for damaged files
-                failed.append((step, f"{type(e).__name__}: {_first_line(e)}"))
+            # A damaged checkpoint makes orbax's reader threads print pages of tracebacks;
+            # keep them out of the console and next to the broken checkpoint instead.
+            with _captured_stderr() as captured:
+                try:
+                    params, opt_state, meta = self.restore(step, abstract_params, abstract_opt_state)
+                    error = None if int(meta.get("step", -1)) == step else f"its meta says step {meta.get('step')}"
+                except Exception as e:  # orbax/tensorstore raise many types for damaged files
+                    error = f"{type(e).__name__}: {_first_line(e)}"
+            if error is not None:
+                failed.append((step, error, captured.text))
                 continue
-            if int(meta.get("step", -1)) != step:
-                failed.append((step, f"its meta says step {meta.get('step')}"))
-                continue
-            for bad, why in sorted(failed, reverse=True):
+            for bad, why, details in sorted(failed, reverse=True):
                 if bad > step:
-                    moved = self._move_aside(bad)
+                    moved = self._move_aside(bad, f"{why}\n\n{details}")
                     log(f"warning: the checkpoint at step {bad} does not restore ({why}); "
                         f"skipped it and moved it to {moved}")
             return step, params, opt_state, meta
         if not failed:
             return None
-        listing = "; ".join(f"step {s}: {why}" for s, why in sorted(failed, reverse=True))
+        listing = "; ".join(f"step {s}: {why}" for s, why, _ in sorted(failed, reverse=True))
         raise UserError(
             f"no checkpoint in {self.directory} restores ({listing}). Nothing was deleted. "
             "If the model config changed, use the original one; to start over, use a new --workdir."
@@ -151,7 +157,7 @@ class Checkpointer:
         return sorted(int(n) for n in os.listdir(self.directory)
                       if n.isdigit() and int(n) not in listed and os.path.isdir(os.path.join(self.directory, n)))
 
-    def _move_aside(self, step: int) -> str:
+    def _move_aside(self, step: int, report: str) -> str:
         dest_root = os.path.join(self.workdir, BROKEN_DIR)
         dest = os.path.join(dest_root, str(step))
         if os.path.exists(dest):
@@ -159,6 +165,8 @@ class Checkpointer:
         if jax.process_index() == 0:
             os.makedirs(dest_root, exist_ok=True)
             shutil.move(os.path.join(self.directory, str(step)), dest)
+            with open(os.path.join(dest, "RESTORE_ERROR.txt"), "w", encoding="utf-8") as f:
+                f.write(report)
         self.manager.reload()
         return dest
 
@@ -174,8 +182,30 @@ def _val_loss(metrics) -> float:
 
 
 def _first_line(err: Exception) -> str:
-    text = str(err).strip()
+    text = str(err).strip().split(" See full TensorStore details")[0]
     return (text.splitlines()[0] if text else "")[:300]
+
+
+class _captured_stderr:
+    """Redirect file descriptor 2 (Python and native writers alike) to a temporary file."""
+
+    def __enter__(self):
+        self.text = ""
+        sys.stderr.flush()
+        self._file = tempfile.TemporaryFile(mode="w+b")
+        self._saved_fd = os.dup(2)
+        os.dup2(self._file.fileno(), 2)
+        return self
+
+    def __exit__(self, *exc):
+        gc.collect()  # abandoned reader coroutines report while being collected: inside the capture
+        sys.stderr.flush()
+        os.dup2(self._saved_fd, 2)
+        os.close(self._saved_fd)
+        self._file.seek(0)
+        self.text = self._file.read().decode("utf-8", "replace")
+        self._file.close()
+        return False
 
 
 def abstract_like(tree, shardings):

@@ -225,6 +225,9 @@ class Run:
 
     def save(self, step: int, val_loss: float | None = None, force: bool = False) -> None:
         self.nonfinite.check()  # never checkpoint past a run of bad steps that should have stopped it
+        if self.nonfinite.in_a_row and not force:  # keep the newest checkpoint from before the bad streak
+            self.log(f"step {step:>6} | no checkpoint: the last {self.nonfinite.in_a_row} update(s) were skipped")
+            return
         try:
             self.ckpt.save(step, self.state["params"], self.state["opt_state"], {"step": step},
                            val_loss=val_loss, force=force)
