@@ -135,7 +135,8 @@ def test_sigkill_at_random_moments_then_restart_gives_the_uninterrupted_result(t
 
     workdir = str(tmp_path / "killed")
     rng = random.Random(8)
-    kills = [("random time after start", lambda p: time.sleep(rng.uniform(0.5, 4.0)) or True),
+    kills = [("at a random moment once training runs",
+              lambda p: wait_for(lambda: last_logged_step(workdir) >= 1, p) and time.sleep(rng.uniform(0, 0.2)) is None),
              ("during a checkpoint write", lambda p: wait_for(lambda: write_in_progress(workdir), p)),
              ("at a random step", None)]
     report = []
@@ -377,3 +378,12 @@ def test_nothing_the_program_loads_is_unpickled():
                 if unsafe.search(code) or np_load.search(code):
                     found.append(f"{os.path.relpath(path, ROOT)}:{n}: {line.strip()}")
     assert not found, found
+
+
+def test_keeps_the_newest_checkpoints_plus_the_best_by_validation_loss(tmp_path):
+    ckpt = Checkpointer(str(tmp_path), keep=2, async_save=False)
+    params = {"w": np.zeros((2, 2), np.float32)}
+    for step, val in [(1, 3.0), (2, 1.0), (3, 2.5), (4, None), (5, 2.0)]:  # step 4: saved without an eval
+        ckpt.save(step, params, {"m": np.ones(2, np.float32)}, {"step": step}, val_loss=val)
+    ckpt.close()
+    assert Checkpointer(str(tmp_path), create=False).steps() == [2, 4, 5]  # best (2) + the 2 newest
