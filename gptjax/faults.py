@@ -6,14 +6,13 @@
   when the loop syncs anyway (logging, checkpointing), and stops the run after
   more than `train.max_bad_steps` in a row.
 - `StopSignals` turns the first SIGTERM/SIGINT into a request to stop after the
-  current step (with a checkpoint); a second one exits at once. On a multi-host
+  current step (with a checkpoint); a second one ends the process at once. On a multi-host
   run, cloud preemption notices come through JAX's preemption sync point, which
   every process reaches at the same step.
 """
 
 from __future__ import annotations
 
-import os
 import signal
 import sys
 
@@ -122,14 +121,14 @@ class StopSignals:
         return False
 
     def _handle(self, signum, frame):
-        name = signal.Signals(signum).name
-        if self.received is not None:
-            print(f"{name} again: exiting now without saving; the newest complete checkpoint is kept.",
-                  file=sys.stderr, flush=True)
-            os._exit(128 + signum)
         self.received = signum
-        print(f"{name} received: stopping after this step and saving a checkpoint "
-              "(send it again to exit at once).", file=sys.stderr, flush=True)
+        # The default action for the next one: the OS ends the process at once, even while
+        # the main thread waits inside XLA or a checkpoint write (a Python handler would
+        # only run after that returns). Complete checkpoints on disk stay valid.
+        for sig in self._previous:
+            signal.signal(sig, signal.SIG_DFL)
+        print(f"{signal.Signals(signum).name} received: stopping after this step and saving a checkpoint "
+              "(send it again to exit at once without saving).", file=sys.stderr, flush=True)
 
     def should_stop(self, step: int, sync_every: int) -> str | None:
         """The reason to stop after `step`, or None. Every process gets the same answer."""
