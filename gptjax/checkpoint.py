@@ -167,6 +167,10 @@ class Checkpointer:
             shutil.move(os.path.join(self.directory, str(step)), dest)
             with open(os.path.join(dest, "RESTORE_ERROR.txt"), "w", encoding="utf-8") as f:
                 f.write(report)
+        if jax.process_count() > 1:  # every process sees the folder gone before it re-lists
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"gptjax_move_aside_{step}")
         self.manager.reload()
         return dest
 
