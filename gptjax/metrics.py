@@ -68,8 +68,15 @@ class MetricsLog:
             sink.close()
 
 
+def scalar_tags(record: dict) -> dict:
+    """{tag: value} of a record's numbers. Eval records get an `eval/` prefix: their `train_loss`
+    (the loss on held-out batches of the training split) is not the per-batch `train_loss` of the log."""
+    prefix = "eval/" if record_kind(record) == "eval" else ""
+    return {prefix + k: float(v) for k, v in record.items() if k != "step" and _is_number(v)}
+
+
 class TensorBoardLog:
-    """Scalar event files via tensorboardX (no TensorFlow needed); tags are the metrics keys."""
+    """Scalar event files via tensorboardX (no TensorFlow needed); tags from `scalar_tags`."""
 
     def __init__(self, workdir: str):
         self.logdir = os.path.join(workdir, TENSORBOARD_DIR)
@@ -91,9 +98,8 @@ class TensorBoardLog:
             self.writer = SummaryWriter(logdir=self.logdir, purge_step=self.purge_step, flush_secs=10,
                                         filename_suffix=f".{time.time_ns()}")
         step = int(record["step"])
-        for key, v in record.items():
-            if key != "step" and _is_number(v):
-                self.writer.add_scalar(key, float(v), step)
+        for tag, v in scalar_tags(record).items():
+            self.writer.add_scalar(tag, v, step)
 
     def close(self) -> None:
         if self.writer is not None:
@@ -112,7 +118,7 @@ class WandbLog:
         pass
 
     def write(self, record: dict) -> None:
-        self.run.log({k: v for k, v in record.items() if k != "step" and _is_number(v)}, step=int(record["step"]))
+        self.run.log(scalar_tags(record), step=int(record["step"]))
 
     def close(self) -> None:
         self.run.finish()

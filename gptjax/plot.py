@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -31,6 +32,8 @@ DIAGNOSTICS = (  # (key, title, log scale)
     ("attn_entropy", "attention entropy (nats)", False),
     ("dead_frac", "dead ReLU units (fraction)", False),
 )
+
+OTHER_MODULES = {"wte": ("0.15", "--"), "wpe": ("0.45", ":"), "ln_f": ("0.6", "-."), "lm_head": ("0.3", "-.")}
 
 
 @dataclasses.dataclass
@@ -49,8 +52,16 @@ class RunData:
 
     @property
     def tokenizer(self):
-        data, model = self.config.get("data", {}), self.config.get("model", {})
-        return data.get("tokenizer"), model.get("vocab_size"), data.get("path") or data.get("dataset")
+        """What identifies the tokenizer: the files the run saved, else its kind and vocabulary size."""
+        folder = os.path.join(self.workdir, "tokenizer")
+        if os.path.isdir(folder):
+            h = hashlib.sha256()
+            for name in sorted(os.listdir(folder)):
+                if os.path.isfile(os.path.join(folder, name)):
+                    with open(os.path.join(folder, name), "rb") as f:
+                        h.update(name.encode() + b"\0" + f.read())
+            return h.hexdigest()
+        return self.config.get("data", {}).get("tokenizer"), self.config.get("model", {}).get("vocab_size")
 
     def has(self, key: str) -> bool:
         return any(isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool) for r in self.records)
@@ -140,9 +151,12 @@ def diagnostics_figure(run: RunData):
                 ax.plot(steps, values, lw=1.3, color=cmap(layer / max(n_blocks - 1, 1) * 0.9),
                         label=f"layer {layer}")
             else:
-                ax.plot(steps, values, lw=1, ls="--", color="0.5" if name != "wte" else "0.2", label=name)
+                color, ls = OTHER_MODULES.get(name, ("0.5", "--"))
+                ax.plot(steps, values, lw=1, ls=ls, color=color, label=name)
         if log and all(v > 0 for name in names for v in series(records, f"diag/{q}/{name}", "diag")[1]):
             ax.set_yscale("log")
+        else:
+            ax.ticklabel_format(axis="y", useOffset=False)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=7)
