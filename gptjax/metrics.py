@@ -68,6 +68,25 @@ class MetricsLog:
             sink.close()
 
 
+def _import_summary_writer():
+    """tensorboardX's SummaryWriter, without the PyTorch import it tries on the way.
+
+    tensorboardX imports torch when it is installed, only to accept torch
+    tensors, which we never pass; that import costs seconds per process. A
+    None entry in sys.modules makes it fail fast, and is removed right after.
+    """
+    if "tensorboardX" in sys.modules or "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+
+        return SummaryWriter
+    sys.modules["torch"] = None
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
+
+
 def scalar_tags(record: dict) -> dict:
     """{tag: value} of a record's numbers. Eval records get an `eval/` prefix: their `train_loss`
     (the loss on held-out batches of the training split) is not the per-batch `train_loss` of the log."""
@@ -80,7 +99,9 @@ class TensorBoardLog:
 
     def __init__(self, workdir: str):
         self.logdir = os.path.join(workdir, TENSORBOARD_DIR)
-        self.purge_step = None
+        # Event files already here and no resume: an earlier attempt died before its first
+        # checkpoint, and the run starts again from step 0.
+        self.purge_step = 0 if os.path.isdir(self.logdir) and os.listdir(self.logdir) else None
         self.writer = None
         self.closed = False
 
@@ -92,8 +113,7 @@ class TensorBoardLog:
         if self.closed:
             return
         if self.writer is None:
-            from tensorboardX import SummaryWriter
-
+            SummaryWriter = _import_summary_writer()
             # The suffix keeps two writers opened within one second from sharing a file name.
             self.writer = SummaryWriter(logdir=self.logdir, purge_step=self.purge_step, flush_secs=10,
                                         filename_suffix=f".{time.time_ns()}")
@@ -227,12 +247,18 @@ def draw_loss(ax, records: list[dict], tokens_per_step: int | None = None, label
         i = min(range(len(v)), key=lambda j: v[j] if math.isfinite(v[j]) else math.inf)
         ax.plot([s[i] * x_scale], [v[i]], "*", ms=14, color=color, markeredgecolor="black", linestyle="none",
                 label=f"{prefix}best val {v[i]:.4f} @ step {s[i]:,}")
+    from matplotlib.ticker import FuncFormatter
+
+    count_format = FuncFormatter(lambda v, _: human_count(v))
     ax.set_xlabel("step" if x_scale == 1 else "tokens")
     ax.set_ylabel("loss (nats/token)" if key == "loss" else "bits per byte")
     ax.grid(alpha=0.3)
+    if x_scale != 1:
+        ax.xaxis.set_major_formatter(count_format)
     if tokens_per_step and x_scale == 1:
         top = ax.secondary_xaxis("top", functions=(lambda x: x * tokens_per_step, lambda t: t / tokens_per_step))
         top.set_xlabel("tokens")
+        top.xaxis.set_major_formatter(count_format)
 
 
 def new_figure(width: float = 7.5, height: float = 4.5):
@@ -263,6 +289,14 @@ def save_loss_png(workdir: str, tokens_per_step: int | None = None, title: str |
 
 
 # ----------------------------------------------------------------------------- console
+
+def human_count(n: float) -> str:
+    """1500 -> "1.5k", 2_000_000 -> "2M"."""
+    for div, unit in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= div:
+            return f"{n / div:.3g}{unit}"
+    return f"{n:.3g}"
+
 
 def human_bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):

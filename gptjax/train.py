@@ -247,8 +247,13 @@ class Run:
         return text
 
     def plot(self) -> None:
-        if jax.process_index() == 0:
+        """Redraw loss.png, unless metrics.jsonl has not changed since the last drawing."""
+        if not self.metrics.enabled or not os.path.exists(self.metrics.path):
+            return
+        stat = os.stat(self.metrics.path)
+        if (stat.st_size, stat.st_mtime_ns) != getattr(self, "_plotted", None):
             metrics_lib.save_loss_png(self.workdir, self.tokens_per_step)
+            self._plotted = (stat.st_size, stat.st_mtime_ns)
 
     def after_eval(self, step: int, ev: dict) -> None:
         """The eval line and a fresh loss.png."""
