@@ -146,6 +146,8 @@ class Run:
         self.tokenizer, self.train_ids, self.val_ids = prepare_data(cfg, workdir)
         with cfg.unlocked():
             cfg.model.vocab_size = self.tokenizer.vocab_size
+        self.sample_prompt = encode_sample_prompt(self.tokenizer, cfg.train.sample_prompt, cfg.model.block_size) \
+            if cfg.train.sample_every else None  # a prompt the tokenizer cannot encode fails here, before training
         with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
             f.write(config_lib.to_json(cfg))
 
@@ -181,8 +183,6 @@ class Run:
         self._eval_batches = {}
         # Compiled only when asked for: diagnostics off costs nothing per step.
         self.diagnostics = diag_lib.make_diagnostics_step(self.graphdef, self.tx) if t.diagnostics_every else None
-        self.sample_prompt = encode_sample_prompt(self.tokenizer, t.sample_prompt, cfg.model.block_size) \
-            if t.sample_every else None  # a prompt the tokenizer cannot encode fails here, before training
 
     def _maybe_restore(self) -> int | None:
         step = self.ckpt.latest_step()
