@@ -189,8 +189,9 @@ def history(records: list[dict]) -> list[dict]:
 
     A run that restarted from an earlier point (after a crash, from its last
     checkpoint or from scratch) writes steps it had written before. When a
-    record's step does not move past the last one of its kind, everything
-    from that step on is from an abandoned attempt and is dropped.
+    train, eval or diagnostics record does not move past the last step of its
+    kind (any other record: when it goes back), everything from that step on
+    is from an abandoned attempt and is dropped.
     """
     kept: list[dict] = []
     last: dict[str, int] = {}
@@ -198,7 +199,7 @@ def history(records: list[dict]) -> list[dict]:
         if "step" not in r:
             continue
         kind, step = record_kind(r), r["step"]
-        if kind in last and step <= last[kind]:
+        if kind in last and (step < last[kind] or (step == last[kind] and kind in ("train", "eval", "diag"))):
             kept = [k for k in kept if k["step"] < step]
             last = {record_kind(k): k["step"] for k in kept}
         kept.append(r)

@@ -87,6 +87,9 @@ def test_history_keeps_the_last_attempt_when_a_run_restarted_without_truncating(
                {"step": 10, "train_loss": 2.6, "lr": 1}, {"step": 10, "val_loss": 2.7, "train_loss": 2.6}]
     kept = history(records)
     assert [(r["step"], r.get("val_loss", r["train_loss"])) for r in kept] == [(0, 4.1), (5, 3.1), (10, 2.6), (10, 2.7)]
+    # Other records may repeat a step (two notes at one step) without meaning a restart.
+    notes = [{"step": 5, "note": "a"}, {"step": 5, "note": "b"}]
+    assert history(records[:2] + notes) == [records[0], records[1]] + notes
 
 
 def test_plot_command_overlays_two_workdirs(resumed_workdir, tmp_path):
