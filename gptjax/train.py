@@ -150,6 +150,7 @@ class Run:
     def __init__(self, cfg, workdir: str, quiet: bool = False):
         config_lib.validate(cfg)
         self.cfg, self.workdir, self.quiet = cfg, workdir, quiet
+        self.console = metrics_lib.Console(quiet=quiet, enabled=jax.process_index() == 0)
         os.makedirs(workdir, exist_ok=True)
         self.tokenizer, self.train_ids, self.val_ids = prepare_data(cfg, workdir, log=self.log)
         with cfg.unlocked():
@@ -178,7 +179,6 @@ class Run:
         self.state_sh = {"params": self.params_sh, "opt_state": self.opt_sh, "step": self.scalar_sh}
 
         self.ckpt = Checkpointer(workdir, keep=t.keep_checkpoints)
-        self.console = metrics_lib.Console(quiet=quiet, enabled=jax.process_index() == 0)
         self.metrics = MetricsLog(workdir, enabled=jax.process_index() == 0, sinks=metrics_lib.make_sinks(
             cfg.log, workdir, cfg.to_dict(), say=self.log) if jax.process_index() == 0 else ())
         self.resumed_from = self._maybe_restore()
