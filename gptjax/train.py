@@ -29,7 +29,15 @@ from gptjax.metrics import MetricsLog
 from gptjax.tokenizers import CharTokenizer, load_tokenizer
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Run config file (optionally FILE:SIZE).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run folder; default: the config's workdir.")
+# allow_override: gptjax.sample defines --workdir too, and a notebook imports both modules.
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run folder; default: the config's workdir.", allow_override=True)
+# Multi-process runs (see README "Scaling out"): all three, or none on a TPU pod / under SLURM.
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0, for jax.distributed.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes in the run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0 .. num_processes-1.")
+_DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
+                                 "Start jax.distributed: auto = with the flags above or under a multi-process "
+                                 "SLURM / MPI / TPU-pod launch; on = always (JAX detects the cluster).")
 
 
 # ----------------------------------------------------------------------------- data
@@ -38,14 +46,17 @@ def prepare_data(cfg, workdir: str):
     """Tokenizer (restored from the workdir when there is one) and id arrays."""
     train_text, val_text = data_lib.load_splits(cfg.data)
     tok_dir = os.path.join(workdir, "tokenizer")
-    if os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
+    saved = os.path.exists(os.path.join(tok_dir, "tokenizer.json"))
+    sharding.sync("gptjax: tokenizer looked up")  # before process 0 may write one
+    if saved:
         tokenizer = load_tokenizer(tok_dir)
     else:
         if cfg.data.tokenizer != "char":
             raise UserError(f"unknown tokenizer {cfg.data.tokenizer!r}; known: char.")
         # The vocabulary covers the whole dataset so that validation text encodes too.
         tokenizer = CharTokenizer.from_text(train_text + val_text)
-        tokenizer.save(tok_dir)
+        if sharding.is_main_process():
+            tokenizer.save(tok_dir)
     train_ids = tokenizer.encode(train_text)
     val_ids = tokenizer.encode(val_text)
     data_lib.check_length(train_ids, cfg.model.block_size, "training")
@@ -120,30 +131,35 @@ def make_eval_step(graphdef, params_sh, batch_sh, scalar_sh):
 class Run:
     """Everything a training run holds: data, compiled steps, state, outputs."""
 
-    def __init__(self, cfg, workdir: str, quiet: bool = False):
+    def __init__(self, cfg, workdir: str, quiet: bool = False, devices=None):
+        """`devices`: the mesh's devices (default: every device of every process)."""
         config_lib.validate(cfg)
         self.cfg, self.workdir, self.quiet = cfg, workdir, quiet
         os.makedirs(workdir, exist_ok=True)
         self.tokenizer, self.train_ids, self.val_ids = prepare_data(cfg, workdir)
         with cfg.unlocked():
             cfg.model.vocab_size = self.tokenizer.vocab_size
-        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-            f.write(config_lib.to_json(cfg))
+        if sharding.is_main_process():
+            with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+                f.write(config_lib.to_json(cfg))
 
         t = cfg.train
-        self.mesh = sharding.make_mesh(cfg.mesh)
+        self.mesh = sharding.make_mesh(cfg.mesh, devices)
         sharding.check_batch(t.batch_size, self.mesh)
+        sharding.check_model(cfg.model, self.mesh)
+        self.batch_rows = sharding.process_rows(self.mesh, t.batch_size)  # this process's share
         self.batch_sh = sharding.batch_sharding(self.mesh)
         self.scalar_sh = sharding.replicated(self.mesh)
 
         abstract = abstract_model(cfg.model)
         self.graphdef = nnx.graphdef(abstract)
-        self.params_sh = sharding.param_shardings(model_lib.logical_axes(abstract), self.mesh)
+        abstract_params = nnx.to_pure_dict(nnx.state(abstract))
+        self.params_sh = sharding.param_shardings(model_lib.logical_axes(abstract), self.mesh, abstract_params)
         self.tx, self.schedule = make_optimizer(t)
+        self.opt_sh = sharding.opt_state_shardings(self.tx, abstract_params, self.params_sh, self.mesh)
 
         params = init_params(cfg.model, t.seed, self.params_sh)
-        opt_state = jax.jit(self.tx.init)(params)
-        self.opt_sh = jax.tree.map(lambda a: a.sharding, opt_state)
+        opt_state = jax.jit(self.tx.init, out_shardings=self.opt_sh)(params)
         self.state = {"params": params, "opt_state": opt_state,
                       "step": jax.device_put(jnp.zeros((), jnp.int32), self.scalar_sh)}
         self.state_sh = {"params": self.params_sh, "opt_state": self.opt_sh, "step": self.scalar_sh}
@@ -192,9 +208,10 @@ class Run:
         self.log(f"  {'total':<{width}}  {total:>12,}  ({model_lib.count_params(params, True):,} without embeddings)")
 
     def batch(self, ids, step: int, stream: int):
-        x, y = data_lib.get_batch(ids, self.cfg.model.block_size, self.cfg.train.batch_size,
-                                  self.cfg.train.seed, step, stream)
-        return sharding.to_global(x, self.mesh), sharding.to_global(y, self.mesh)
+        t = self.cfg.train
+        x, y = data_lib.get_batch(ids, self.cfg.model.block_size, t.batch_size, t.seed, step, stream,
+                                  rows=self.batch_rows)
+        return sharding.to_global(x, self.mesh, t.batch_size), sharding.to_global(y, self.mesh, t.batch_size)
 
     def evaluate(self) -> dict:
         out = {}
@@ -223,7 +240,8 @@ class Run:
 
         from tqdm import tqdm
 
-        bar = tqdm(total=t.steps, initial=start, disable=self.quiet or not sys.stderr.isatty(),
+        bar = tqdm(total=t.steps, initial=start,
+                   disable=self.quiet or not sys.stderr.isatty() or not sharding.is_main_process(),
                    unit="step", dynamic_ncols=True)
         if start == 0:
             ev = self.evaluate()
@@ -294,6 +312,8 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     cfg = _CONFIG.value
     try:
+        sharding.initialize_distributed(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value,
+                                        _PROCESS_ID.value)
         workdir = resolve_workdir(cfg, _WORKDIR.value)
         Run(cfg, workdir).train()
     except UserError as e:
