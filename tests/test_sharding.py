@@ -345,7 +345,7 @@ def test_colab_notebook_runs_top_to_bottom_on_cpu(text_file, tmp_path):
         "train.eval_every": 10, "train.eval_steps": 2, "train.log_every": 5, "train.checkpoint_every": 10,
     }
     env = _env(GPTJAX_NOTEBOOK_OVERRIDES=json.dumps(overrides), GPTJAX_NOTEBOOK_SAVE_TO=str(tmp_path / "drive"),
-               MPLBACKEND="Agg")
+               GPTJAX_NOTEBOOK_PROMPT="First", MPLBACKEND="Agg")
     proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -353,5 +353,5 @@ def test_colab_notebook_runs_top_to_bottom_on_cpu(text_file, tmp_path):
     assert "step     20 | eval" in proc.stdout
     workdir = tmp_path / "runs" / "shakespeare"
     assert (workdir / "loss.png").stat().st_size > 1000
-    assert "--- sample ---" in proc.stdout
+    assert "--- sample --- (step 20)\nFirst" in proc.stdout
     assert sorted(os.listdir(tmp_path / "drive" / "checkpoints")) == ["10", "20"]
