@@ -146,6 +146,20 @@ def param_shardings(axes_tree, mesh: Mesh, shapes=None):
     )
 
 
+def compute_shardings(params_sh):
+    """The layout the forward and backward passes use: FSDP shards gathered, tensor shards kept.
+
+    Gathering the weights explicitly (ZeRO-3) keeps activations split over
+    the batch; left to itself, XLA's propagation would instead split
+    activations the way the stored weights are split and then replicate them
+    to fix the mismatch, using several times the memory of plain data
+    parallelism. Gradients of the gathered weights are reduce-scattered back
+    to the stored layout by the optimizer update.
+    """
+    return jax.tree.map(lambda s: NamedSharding(s.mesh, P(*(None if a == "fsdp" else a for a in s.spec))),
+                        params_sh)
+
+
 def opt_state_shardings(tx, abstract_params, params_sh, mesh: Mesh):
     """Optimizer state laid out like the parameters (Adam's mu and nu are
     split exactly as their weights); scalars such as the step count replicated."""
@@ -228,7 +242,14 @@ def initialize_distributed(mode: str = "auto", coordinator_address: str | None =
         return False
     # CPU-only processes exchange collectives over gloo (TPU and GPU use their own fabric).
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+    try:
+        jax.distributed.initialize(coordinator_address, num_processes, process_id)
+    except (ValueError, RuntimeError) as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(
+            f"could not start jax.distributed ({first_line}); outside a TPU pod or SLURM/MPI job give "
+            "--coordinator_address, --num_processes and --process_id, or use --distributed=off."
+        ) from None
     return True
 
 

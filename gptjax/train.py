@@ -101,10 +101,13 @@ def loss_fn(graphdef, params, x, y, dropout_key=None):
 
 def make_train_step(graphdef, tx, seed: int, dropout: float, state_sh, batch_sh, scalar_sh):
     base_key = jax.random.key(seed)
+    gathered = sharding.compute_shardings(state_sh["params"])  # FSDP: weights gathered for compute
 
     def train_step(state, x, y):
         key = jax.random.fold_in(base_key, state["step"]) if dropout > 0 else None
-        loss, grads = jax.value_and_grad(lambda p: loss_fn(graphdef, p, x, y, key))(state["params"])
+        loss, grads = jax.value_and_grad(
+            lambda p: loss_fn(graphdef, jax.lax.with_sharding_constraint(p, gathered), x, y, key)
+        )(state["params"])
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1}
@@ -119,8 +122,9 @@ def make_train_step(graphdef, tx, seed: int, dropout: float, state_sh, batch_sh,
 
 
 def make_eval_step(graphdef, params_sh, batch_sh, scalar_sh):
+    gathered = sharding.compute_shardings(params_sh)
     return jax.jit(
-        lambda params, x, y: loss_fn(graphdef, params, x, y),
+        lambda params, x, y: loss_fn(graphdef, jax.lax.with_sharding_constraint(params, gathered), x, y),
         in_shardings=(params_sh, batch_sh, batch_sh),
         out_shardings=scalar_sh,
     )

@@ -8,7 +8,9 @@ bytes one device holds of the float32 parameters, their gradients and Adam's
 two moments. With --compile it also compiles the real train step for 8 (or
 --devices) virtual CPU devices and prints what XLA reports: arguments (the
 sharded train state and the batch) and temporaries (activations, gathered
-weights, gradients), for --batch_per_device sequences of --block_size tokens.
+weights, gradients), for a global batch of --batch_per_device x --devices
+sequences of --block_size tokens (tensor parallelism gives each data-parallel
+group more sequences, each split across the group's devices).
 """
 
 from __future__ import annotations
@@ -94,7 +96,8 @@ def compile_report(args, cfg, abstract, params, axes):
     from gptjax.train import make_optimizer, make_train_step
 
     cfg.train.batch_size = args.batch_per_device * args.devices
-    print(f"\nXLA (CPU backend) for one train step, {args.batch_per_device} x {args.block_size} tokens per device:")
+    print(f"\nXLA (CPU backend) for one train step, global batch {cfg.train.batch_size} x {args.block_size} tokens "
+          f"({args.batch_per_device} sequences per device under pure data parallelism or FSDP):")
     print(f"{'mesh':<16} {'arguments':>10} {'temporaries':>12} {'total':>10}   (MiB per device)")
     graphdef = nnx.graphdef(abstract)
     tx, _ = make_optimizer(cfg.train)
