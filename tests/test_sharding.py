@@ -168,6 +168,10 @@ def test_sharded_losses_match_one_device_and_shards_split_memory(name, text_file
         np.testing.assert_allclose(train_steps(run, 10), ref_losses, rtol=0, atol=1e-4)
         assert not np.allclose(ref_losses[0], ref_losses[-1], atol=1e-3)  # it trained: the check has teeth
     assert dict(run.mesh.shape) == {"data": data, "fsdp": fsdp, "tensor": tensor}
+    # The global batch is the one-device batch, its rows split over data x fsdp.
+    x, _ = run.batch(run.train_ids, 3, data_lib.TRAIN_STREAM)
+    np.testing.assert_array_equal(np.asarray(x), data_lib.get_batch(run.train_ids, 16, 8, run.cfg.train.seed, 3)[0])
+    assert shard_shapes(x) == {(8 // (data * fsdp), 16)}
 
     D = run.cfg.model.n_embd
     # mlp.fc [D, 4D]: tensor splits the hidden dim; fsdp the largest dim still whole.
@@ -188,15 +192,6 @@ def test_sharded_losses_match_one_device_and_shards_split_memory(name, text_file
     per_dev = sum(s.data.nbytes for a in jax.tree.leaves(state) for s in a.addressable_shards if s.device == dev0)
     total = sum(a.nbytes for a in jax.tree.leaves(state))
     assert per_dev < total / (fsdp * tensor) * 1.25 + 4096
-
-
-@eight_devices
-def test_batch_rows_are_loaded_per_process_share(text_file, tmp_path):
-    run = make_run(text_file, tmp_path / "run", (4, 2, 1))
-    x, _ = run.batch(run.train_ids, 3, data_lib.TRAIN_STREAM)
-    full, _ = data_lib.get_batch(run.train_ids, 16, 8, run.cfg.train.seed, 3)
-    np.testing.assert_array_equal(np.asarray(x), full)
-    assert shard_shapes(x) == {(1, 16)}
 
 
 @pytest.fixture(scope="module")
