@@ -625,13 +625,17 @@ def window_offsets(n_tokens: int, block_size: int, batch_size: int, seed: int, s
     return rng.integers(0, n_tokens - block_size, size=batch_size)
 
 
-def get_batch(ids: np.ndarray, block_size: int, batch_size: int, seed: int, step: int, stream: int = TRAIN_STREAM):
+def get_batch(ids: np.ndarray, block_size: int, batch_size: int, seed: int, step: int, stream: int = TRAIN_STREAM,
+              rows=None):
     """Inputs and next-token targets, both int32 [batch_size, block_size].
 
     A pure function of its arguments: the batch at step k is the same in any
-    process, which is what makes resume exact.
+    process, which is what makes resume exact. `rows` (indices into the batch)
+    cuts out only those windows: a process's share of the global batch.
     """
     offsets = window_offsets(len(ids), block_size, batch_size, seed, step, stream)
+    if rows is not None:
+        offsets = offsets[rows]
     windows = ids[offsets[:, None] + np.arange(block_size + 1)]
     windows = windows.astype(np.int32, copy=False)
     return windows[:, :-1], windows[:, 1:]

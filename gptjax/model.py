@@ -82,8 +82,10 @@ class CausalSelfAttention(nnx.Module):
 
     def __call__(self, x_BxTxD, *, cache=None, pos=None, dropout_key=None):
         B, T, D = x_BxTxD.shape
-        qkv = self.qkv(x_BxTxD).reshape(B, T, 3, self.n_head, self.head_dim)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        # Columns are head-major (head, q|k|v, head_dim): an even split of the
+        # 3D outputs over the tensor axis hands each device whole heads.
+        qkv = self.qkv(x_BxTxD).reshape(B, T, self.n_head, 3, self.head_dim)
+        q, k, v = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]
         if cache is None:
             y = causal_attention(q, k, v, self.impl)
         else:

@@ -1,16 +1,28 @@
-"""Device mesh, partition rules, and host batches -> global arrays.
+"""Device mesh, partition rules, multi-host start, and host batches -> global arrays.
 
 The model annotates every parameter with logical axis names; `RULES` maps
-those names to mesh axes in one place. The batch is split over the
-data-parallel axes.
+those names to mesh axes in one place, and `param_spec` adds FSDP on top:
+
+  tensor  Megatron-style: attention heads (the fused qkv output, the rows of
+          the output projection) and the MLP hidden dimension are split, so
+          each device computes whole heads and a slice of the MLP.
+  fsdp    every parameter (and, through `opt_state_shardings`, its Adam
+          moments) is split along its largest dimension not already split,
+          which fsdp divides; XLA gathers it just in time for the matmul.
+  data    replicas; the batch is split over data x fsdp.
+
+The train step is one `jax.jit` with these shardings as in/out shardings; the
+same code runs on 1 device, 8 TPU cores, or a multi-host pod.
 """
 
 from __future__ import annotations
 
 import math
+import os
 
 import jax
 import numpy as np
+import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from gptjax.errors import UserError
@@ -18,7 +30,8 @@ from gptjax.errors import UserError
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
-# logical axis name -> mesh axis (None: replicated).
+# logical axis name -> mesh axis (None: replicated). FSDP is not a rule of
+# its own: `param_spec` puts it on whichever dimension is largest.
 RULES = {
     "embed": None,
     "vocab": None,
@@ -28,7 +41,9 @@ RULES = {
 }
 
 
-def mesh_shape(mesh_cfg, n_devices: int) -> tuple[int, int, int]:
+# ----------------------------------------------------------------------------- mesh
+
+def mesh_shape(mesh_cfg, n_devices: int, devices=None) -> tuple[int, int, int]:
     sizes = [int(mesh_cfg[a]) for a in MESH_AXES]
     if sizes.count(-1) > 1:
         raise UserError("at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1.")
@@ -37,12 +52,15 @@ def mesh_shape(mesh_cfg, n_devices: int) -> tuple[int, int, int]:
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
         if n_devices % known:
-            raise UserError(f"mesh axes multiply to {known}, which does not divide the {n_devices} devices.")
+            raise UserError(
+                f"mesh axes multiply to {known}, which does not divide the {n_devices} devices "
+                f"({describe_devices(devices)})."
+            )
         sizes[sizes.index(-1)] = n_devices // known
     if math.prod(sizes) != n_devices:
         raise UserError(
             f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} = {math.prod(sizes)} devices, "
-            f"but there are {n_devices} ({describe_devices()}); set one axis to -1 to use the rest."
+            f"but there are {n_devices} ({describe_devices(devices)}); set one axis to -1 to use the rest."
         )
     return tuple(sizes)
 
@@ -54,34 +72,20 @@ def describe_devices(devices=None) -> str:
 
 
 def make_mesh(mesh_cfg, devices=None) -> Mesh:
-    devices = devices or jax.devices()
-    shape = mesh_shape(mesh_cfg, len(devices))
-    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+    """The (data, fsdp, tensor) mesh over `devices` (default: all devices of all processes)."""
+    devices = list(devices or jax.devices())
+    shape = mesh_shape(mesh_cfg, len(devices), devices)
+    try:  # topology-aware order on TPU (tensor groups on neighbouring chips)
+        from jax.experimental import mesh_utils
+
+        grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+    except (ValueError, NotImplementedError, AssertionError):
+        grid = np.asarray(devices).reshape(shape)
+    return Mesh(grid, MESH_AXES)
 
 
 def data_parallel_size(mesh: Mesh) -> int:
     return math.prod(mesh.shape[a] for a in BATCH_AXES)
-
-
-def logical_to_spec(axes) -> P:
-    return P(*(RULES.get(a) if a is not None else None for a in axes))
-
-
-def param_shardings(axes_tree, mesh: Mesh):
-    """NamedSharding for every parameter, from its logical axis names."""
-    return jax.tree.map(
-        lambda axes: NamedSharding(mesh, logical_to_spec(axes)),
-        axes_tree,
-        is_leaf=lambda x: isinstance(x, tuple),
-    )
-
-
-def replicated(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, P())
-
-
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, P(BATCH_AXES))
 
 
 def check_batch(batch_size: int, mesh: Mesh) -> None:
@@ -89,10 +93,173 @@ def check_batch(batch_size: int, mesh: Mesh) -> None:
     if batch_size % dp:
         raise UserError(
             f"train.batch_size ({batch_size}) must be divisible by the data-parallel size "
-            f"mesh.data x mesh.fsdp = {dp}."
+            f"mesh.data x mesh.fsdp = {mesh.shape['data']} x {mesh.shape['fsdp']} = {dp}; "
+            f"use e.g. --config.train.batch_size={max(1, round(batch_size / dp)) * dp}."
         )
 
 
-def to_global(batch_np: np.ndarray, mesh: Mesh) -> jax.Array:
-    """Place a host batch (the whole global batch) on the mesh, split over the batch axes."""
-    return jax.device_put(batch_np, batch_sharding(mesh))
+def check_model(model_cfg, mesh: Mesh) -> None:
+    """Tensor parallelism splits whole heads: n_head must divide evenly."""
+    t = mesh.shape["tensor"]
+    if model_cfg.n_head % t:
+        raise UserError(
+            f"model.n_head ({model_cfg.n_head}) must be divisible by mesh.tensor ({t}): "
+            "tensor parallelism gives each device whole attention heads."
+        )
+
+
+# ----------------------------------------------------------------------------- parameters
+
+def logical_to_spec(axes) -> P:
+    return P(*(RULES.get(a) if a is not None else None for a in axes))
+
+
+def param_spec(axes, shape, mesh: Mesh) -> P:
+    """Mesh axes of one parameter: tensor from RULES, then fsdp on its largest free dimension."""
+    spec = []
+    for name, size in zip(axes, shape):
+        axis = RULES.get(name) if name is not None else None
+        if axis is not None and (mesh.shape[axis] == 1 or size % mesh.shape[axis]):
+            axis = None  # a size-1 axis splits nothing; keep the spec plain
+        spec.append(axis)
+    n = mesh.shape["fsdp"]
+    if n > 1:
+        free = [i for i, a in enumerate(spec) if a is None and shape[i] % n == 0]
+        if free:  # too small to split (e.g. a 65-token vocabulary by 8): stays replicated
+            spec[max(free, key=lambda i: shape[i])] = "fsdp"
+    return P(*spec)
+
+
+def param_shardings(axes_tree, mesh: Mesh, shapes=None):
+    """NamedSharding for every parameter, from its logical axis names and shape.
+
+    `shapes` is a matching tree of arrays or ShapeDtypeStructs; FSDP needs it
+    to find each parameter's largest dimension.
+    """
+    is_axes = lambda x: isinstance(x, tuple)
+    if shapes is None:
+        if mesh.shape["fsdp"] > 1:
+            raise ValueError("param_shardings needs the parameter shapes when mesh.fsdp > 1")
+        return jax.tree.map(lambda axes: NamedSharding(mesh, logical_to_spec(axes)), axes_tree, is_leaf=is_axes)
+    return jax.tree.map(
+        lambda axes, x: NamedSharding(mesh, param_spec(axes, x.shape, mesh)), axes_tree, shapes, is_leaf=is_axes
+    )
+
+
+def compute_shardings(params_sh):
+    """The layout the forward and backward passes use: FSDP shards gathered, tensor shards kept.
+
+    Gathering the weights explicitly (ZeRO-3) keeps activations split over
+    the batch; left to itself, XLA's propagation would instead split
+    activations the way the stored weights are split and then replicate them
+    to fix the mismatch, using several times the memory of plain data
+    parallelism. Gradients of the gathered weights are reduce-scattered back
+    to the stored layout by the optimizer update.
+    """
+    return jax.tree.map(lambda s: NamedSharding(s.mesh, P(*(None if a == "fsdp" else a for a in s.spec))),
+                        params_sh)
+
+
+def opt_state_shardings(tx, abstract_params, params_sh, mesh: Mesh):
+    """Optimizer state laid out like the parameters (Adam's mu and nu are
+    split exactly as their weights); scalars such as the step count replicated."""
+    abstract_state = jax.eval_shape(tx.init, abstract_params)
+    return optax.tree_map_params(
+        tx, lambda _, sh: sh, abstract_state, params_sh,
+        transform_non_params=lambda _: replicated(mesh),
+        is_leaf=lambda x: isinstance(x, NamedSharding),
+    )
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+# ----------------------------------------------------------------------------- batches
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def process_rows(mesh: Mesh, global_batch: int) -> np.ndarray:
+    """Rows of the global batch that live on this process's devices, in the
+    order `jax.make_array_from_process_local_data` expects them."""
+    index_map = batch_sharding(mesh).addressable_devices_indices_map((global_batch,))
+    spans = sorted({idx[0].indices(global_batch)[:2] for idx in index_map.values()})
+    return np.concatenate([np.arange(a, b) for a, b in spans])
+
+
+def to_global(batch_np: np.ndarray, mesh: Mesh, global_batch: int | None = None) -> jax.Array:
+    """A global array split over the batch axes, from this process's rows.
+
+    `batch_np` holds the rows `process_rows` names (each process loads only
+    its share), or the whole global batch (then this process keeps its rows).
+    """
+    global_batch = global_batch or batch_np.shape[0]
+    if batch_np.shape[0] == global_batch and jax.process_count() > 1:
+        batch_np = batch_np[process_rows(mesh, global_batch)]
+    global_shape = (global_batch, *batch_np.shape[1:])
+    return jax.make_array_from_process_local_data(batch_sharding(mesh), batch_np, global_shape)
+
+
+# ----------------------------------------------------------------------------- multi-host
+
+def _cluster_is_multiprocess() -> bool:
+    """A launcher that started several processes of this run (SLURM, Open MPI, a TPU pod)."""
+    env = os.environ
+    for key in ("SLURM_STEP_NUM_TASKS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
+        if key in env and env[key].isdigit() and int(env[key]) > 1:
+            return True
+    return "," in env.get("TPU_WORKER_HOSTNAMES", "") or int(env.get("MEGASCALE_NUM_SLICES", "1") or 1) > 1
+
+
+def initialize_distributed(mode: str = "auto", coordinator_address: str | None = None,
+                           num_processes: int | None = None, process_id: int | None = None) -> bool:
+    """Start `jax.distributed` when the run spans several processes; True if it did.
+
+    mode "auto": with the three explicit flags, or when a SLURM / Open MPI /
+    TPU-pod launcher started several processes (JAX then reads the rest from
+    the environment); "on": always (let JAX detect the cluster); "off": never.
+    Must run before anything touches a device.
+    """
+    explicit = {"--coordinator_address": coordinator_address, "--num_processes": num_processes,
+                "--process_id": process_id}
+    given = [k for k, v in explicit.items() if v is not None]
+    if given and len(given) < 3:
+        missing = [k for k in explicit if k not in given]
+        raise UserError(
+            f"{', '.join(given)} given without {', '.join(missing)}: a multi-process run needs all three "
+            "(or none, on a TPU pod or under SLURM, where they are detected)."
+        )
+    if given:
+        if num_processes < 1 or not 0 <= process_id < num_processes:
+            raise UserError(f"--process_id must be in [0, --num_processes={num_processes}), got {process_id}.")
+        if ":" not in coordinator_address:
+            raise UserError(f"--coordinator_address must be HOST:PORT (of process 0), got {coordinator_address!r}.")
+    if mode == "off" or (mode == "auto" and not given and not _cluster_is_multiprocess()):
+        if given:
+            raise UserError("--distributed=off contradicts --coordinator_address/--num_processes/--process_id.")
+        return False
+    # CPU-only processes exchange collectives over gloo (TPU and GPU use their own fabric).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    try:
+        jax.distributed.initialize(coordinator_address, num_processes, process_id)
+    except (ValueError, RuntimeError) as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(
+            f"could not start jax.distributed ({first_line}); outside a TPU pod or SLURM/MPI job give "
+            "--coordinator_address, --num_processes and --process_id, or use --distributed=off."
+        ) from None
+    return True
+
+
+def is_main_process() -> bool:
+    return jax.process_index() == 0
+
+
+def sync(name: str) -> None:
+    """Barrier across processes (a no-op in a single-process run)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)

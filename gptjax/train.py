@@ -32,8 +32,15 @@ from gptjax.errors import UserError, exit_with
 from gptjax.metrics import MetricsLog
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Run config file (optionally FILE:SIZE).")
-# allow_override: gptjax.sample, loaded for samples during training, defines its own --workdir.
+# allow_override: gptjax.sample defines --workdir too, and a notebook imports both modules.
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder; default: the config's workdir.", allow_override=True)
+# Multi-process runs (see README "Scaling out"): all three, or none on a TPU pod / under SLURM.
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0, for jax.distributed.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes in the run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0 .. num_processes-1.")
+_DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
+                                 "Start jax.distributed: auto = with the flags above or under a multi-process "
+                                 "SLURM / MPI / TPU-pod launch; on = always (JAX detects the cluster).")
 _QUIET = flags.DEFINE_bool("quiet", False, "Print nothing but errors.")
 
 
@@ -41,7 +48,12 @@ _QUIET = flags.DEFINE_bool("quiet", False, "Print nothing but errors.")
 
 def prepare_data(cfg, workdir: str, log=print):
     """Tokenizer (restored from the workdir when there is one) and memory-mapped id arrays."""
+    # Process 0 builds and writes the tokenizer and token caches; the others then find them.
+    if not sharding.is_main_process():
+        sharding.sync("gptjax: data prepared")
     p = data_lib.prepare(cfg, workdir, log=log)
+    if sharding.is_main_process():
+        sharding.sync("gptjax: data prepared")
     data_lib.check_length(p.train_ids, cfg.model.block_size, "training")
     data_lib.check_length(p.val_ids, cfg.model.block_size, "validation")
     return p.tokenizer, p.train_ids, p.val_ids
@@ -58,8 +70,10 @@ def bits_per_byte(mean_loss: float, n_tokens: int, n_bytes: int) -> float:
 
 def make_eval_sum_step(graphdef, params_sh, batch_sh, scalar_sh):
     """Summed loss over the rows whose weight is 1 (the padding rows of a last batch weigh 0)."""
+    gathered = sharding.compute_shardings(params_sh)
+
     def eval_sum(params, x, y, w):
-        logits = nnx.merge(graphdef, params)(x)
+        logits = nnx.merge(graphdef, jax.lax.with_sharding_constraint(params, gathered))(x)
         losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), y)
         return (losses.sum(axis=-1) * w).sum()
 
@@ -103,10 +117,13 @@ def loss_fn(graphdef, params, x, y, dropout_key=None):
 
 def make_train_step(graphdef, tx, seed: int, dropout: float, state_sh, batch_sh, scalar_sh):
     base_key = jax.random.key(seed)
+    gathered = sharding.compute_shardings(state_sh["params"])  # FSDP: weights gathered for compute
 
     def train_step(state, x, y):
         key = jax.random.fold_in(base_key, state["step"]) if dropout > 0 else None
-        loss, grads = jax.value_and_grad(lambda p: loss_fn(graphdef, p, x, y, key))(state["params"])
+        loss, grads = jax.value_and_grad(
+            lambda p: loss_fn(graphdef, jax.lax.with_sharding_constraint(p, gathered), x, y, key)
+        )(state["params"])
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1}
@@ -139,8 +156,9 @@ def generate_tokens(graphdef, params, prompt_ids: np.ndarray, seed: int, max_new
 
 
 def make_eval_step(graphdef, params_sh, batch_sh, scalar_sh):
+    gathered = sharding.compute_shardings(params_sh)
     return jax.jit(
-        lambda params, x, y: loss_fn(graphdef, params, x, y),
+        lambda params, x, y: loss_fn(graphdef, jax.lax.with_sharding_constraint(params, gathered), x, y),
         in_shardings=(params_sh, batch_sh, batch_sh),
         out_shardings=scalar_sh,
     )
@@ -151,7 +169,8 @@ def make_eval_step(graphdef, params_sh, batch_sh, scalar_sh):
 class Run:
     """Everything a training run holds: data, compiled steps, state, outputs."""
 
-    def __init__(self, cfg, workdir: str, quiet: bool = False):
+    def __init__(self, cfg, workdir: str, quiet: bool = False, devices=None):
+        """`devices`: the mesh's devices (default: every device of every process)."""
         config_lib.validate(cfg)
         self.cfg, self.workdir, self.quiet = cfg, workdir, quiet
         self.console = metrics_lib.Console(quiet=quiet, enabled=jax.process_index() == 0)
@@ -162,23 +181,27 @@ class Run:
             cfg.model.vocab_size = self.tokenizer.vocab_size
         self.sample_prompt = encode_sample_prompt(self.tokenizer, cfg.train.sample_prompt, cfg.model.block_size) \
             if cfg.train.sample_every else None  # a prompt the tokenizer cannot encode fails here, before training
-        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-            f.write(config_lib.to_json(cfg))
+        if sharding.is_main_process():
+            with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+                f.write(config_lib.to_json(cfg))
 
         t = cfg.train
-        self.mesh = sharding.make_mesh(cfg.mesh)
+        self.mesh = sharding.make_mesh(cfg.mesh, devices)
         sharding.check_batch(t.batch_size, self.mesh)
+        sharding.check_model(cfg.model, self.mesh)
+        self.batch_rows = sharding.process_rows(self.mesh, t.batch_size)  # this process's share
         self.batch_sh = sharding.batch_sharding(self.mesh)
         self.scalar_sh = sharding.replicated(self.mesh)
 
         abstract = abstract_model(cfg.model)
         self.graphdef = nnx.graphdef(abstract)
-        self.params_sh = sharding.param_shardings(model_lib.logical_axes(abstract), self.mesh)
+        abstract_params = nnx.to_pure_dict(nnx.state(abstract))
+        self.params_sh = sharding.param_shardings(model_lib.logical_axes(abstract), self.mesh, abstract_params)
         self.tx, self.schedule = make_optimizer(t)
+        self.opt_sh = sharding.opt_state_shardings(self.tx, abstract_params, self.params_sh, self.mesh)
 
         params = init_params(cfg.model, t.seed, self.params_sh)
-        opt_state = jax.jit(self.tx.init)(params)
-        self.opt_sh = jax.tree.map(lambda a: a.sharding, opt_state)
+        opt_state = jax.jit(self.tx.init, out_shardings=self.opt_sh)(params)
         self.state = {"params": params, "opt_state": opt_state,
                       "step": jax.device_put(jnp.zeros((), jnp.int32), self.scalar_sh)}
         self.state_sh = {"params": self.params_sh, "opt_state": self.opt_sh, "step": self.scalar_sh}
@@ -304,9 +327,10 @@ class Run:
             self.log(f"  samples      {os.path.abspath(os.path.join(self.workdir, metrics_lib.SAMPLES_FILE))}")
 
     def batch(self, ids, step: int, stream: int):
-        x, y = data_lib.get_batch(ids, self.cfg.model.block_size, self.cfg.train.batch_size,
-                                  self.cfg.train.seed, step, stream)
-        return sharding.to_global(x, self.mesh), sharding.to_global(y, self.mesh)
+        t = self.cfg.train
+        x, y = data_lib.get_batch(ids, self.cfg.model.block_size, t.batch_size, t.seed, step, stream,
+                                  rows=self.batch_rows)
+        return sharding.to_global(x, self.mesh, t.batch_size), sharding.to_global(y, self.mesh, t.batch_size)
 
     def evaluate(self) -> dict:
         """Loss, perplexity and bits per byte on fixed sampled batches of each split.
@@ -512,6 +536,8 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     cfg = _CONFIG.value
     try:
+        sharding.initialize_distributed(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value,
+                                        _PROCESS_ID.value)
         workdir = resolve_workdir(cfg, _WORKDIR.value)
         Run(cfg, workdir, quiet=_QUIET.value).train()
     except UserError as e:
