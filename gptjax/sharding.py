@@ -84,6 +84,11 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(BATCH_AXES))
 
 
+def stacked_batch_sharding(mesh: Mesh) -> NamedSharding:
+    """For [k, B, ...] stacks of k batches: the batch axis (second) is split."""
+    return NamedSharding(mesh, P(None, BATCH_AXES))
+
+
 def check_batch(batch_size: int, mesh: Mesh) -> None:
     dp = data_parallel_size(mesh)
     if batch_size % dp:
@@ -93,6 +98,6 @@ def check_batch(batch_size: int, mesh: Mesh) -> None:
         )
 
 
-def to_global(batch_np: np.ndarray, mesh: Mesh) -> jax.Array:
+def to_global(batch_np: np.ndarray, mesh: Mesh, stacked: bool = False) -> jax.Array:
     """Place a host batch (the whole global batch) on the mesh, split over the batch axes."""
-    return jax.device_put(batch_np, batch_sharding(mesh))
+    return jax.device_put(batch_np, stacked_batch_sharding(mesh) if stacked else batch_sharding(mesh))
