@@ -54,7 +54,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.keep_checkpoints = 3
     c.train.seed = 1337
     c.train.grad_accum = 1
-    c.train.steps_per_call = 1
+    c.train.steps_per_call = 1  # optimizer steps per compiled call (lax.scan); should divide log_every
+    c.train.compilation_cache = True  # persistent XLA compilation cache under ~/.cache/gptjax/jax
 
     c.data = ml_collections.ConfigDict()
     c.data.dataset = "tinyshakespeare"

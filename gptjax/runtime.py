@@ -22,7 +22,9 @@ import os
 import sys
 
 # XLA flags for the host CPU backend; they do not affect GPU or TPU code.
-CPU_XLA_FLAGS = ()
+# YNNPACK matmuls: on the tiny config they cut the step's CPU time by about a
+# third against XLA's default (Eigen) matmuls, with the same losses.
+CPU_XLA_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=dot",)
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
 

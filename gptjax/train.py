@@ -22,6 +22,7 @@ from ml_collections import config_flags
 from gptjax import config as config_lib
 from gptjax import data as data_lib
 from gptjax import model as model_lib
+from gptjax import runtime
 from gptjax import sharding
 from gptjax.checkpoint import Checkpointer, abstract_like
 from gptjax.errors import UserError, exit_with
@@ -367,6 +368,7 @@ def main(argv):
         exit_with(UserError(f"unexpected arguments {argv[1:]}; config keys go as --config.SECTION.KEY=VALUE."))
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     cfg = _CONFIG.value
+    runtime.configure(compilation_cache=bool(cfg.train.get("compilation_cache", True)))
     try:
         workdir = resolve_workdir(cfg, _WORKDIR.value)
         Run(cfg, workdir).train()
