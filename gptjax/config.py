@@ -54,7 +54,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.keep_checkpoints = 3
     c.train.seed = 1337
     c.train.grad_accum = 1
-    c.train.steps_per_call = 1
+    c.train.steps_per_call = 1  # optimizer steps per compiled call (lax.scan); should divide log_every
+    c.train.compilation_cache = True  # persistent XLA compilation cache under ~/.cache/gptjax/jax
     c.train.diagnostics_every = 0  # per-layer grad/update/activation/attention stats every N steps; 0: off
     c.train.sample_every = 0  # print and save a short sample every N steps; 0: off
     c.train.sample_prompt = "\n"  # fixed prompt of those samples

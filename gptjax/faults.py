@@ -70,8 +70,11 @@ class NonFiniteGuard:
         steps, flags = zip(*self._flags)
         self._flags = []
         skipped = 0
-        for step, ok in zip(steps, jax.device_get(list(flags))):
-            if bool(np.all(ok)):
+        # A call of k steps (train.steps_per_call) records k flags at once.
+        per_step = [(first + j, ok) for first, oks in zip(steps, jax.device_get(list(flags)))
+                    for j, ok in enumerate(np.reshape(oks, -1))]
+        for step, ok in per_step:
+            if bool(ok):
                 self.in_a_row, self.first_bad_step = 0, None
                 continue
             skipped += 1

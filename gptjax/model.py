@@ -41,6 +41,22 @@ def _subkey(key, i: int):
     return None if key is None else jax.random.fold_in(key, i)
 
 
+def resolve_attention(impl: str, dtype: str, head_dim: int, backend: str | None = None) -> str:
+    """The attention implementation `model.attention='auto'` stands for.
+
+    GPU: cuDNN's fused flash attention, which needs 16-bit inputs and a head
+    size that is a multiple of 8 up to 128; XLA's `dot_product_attention`
+    otherwise. TPU: `dot_product_attention`. CPU: our own XLA formulation,
+    which measured faster there than `dot_product_attention` (BENCHMARKS.md).
+    """
+    if impl != "auto":
+        return impl
+    backend = backend or jax.default_backend()
+    if backend == "gpu":
+        return "cudnn" if dtype == "bfloat16" and head_dim % 8 == 0 and head_dim <= 128 else "dot_product"
+    return "dot_product" if backend == "tpu" else "xla"
+
+
 def causal_attention(q, k, v, impl: str):
     """Softmax(q k^T / sqrt(d) + causal mask) v for [B, T, H, D] inputs."""
     if impl in ("dot_product", "cudnn"):
@@ -65,7 +81,7 @@ class CausalSelfAttention(nnx.Module):
         D, H = cfg.n_embd, cfg.n_head
         self.n_head, self.head_dim = H, D // H
         self.dropout_rate = cfg.dropout
-        self.impl = cfg.attention
+        self.impl = resolve_attention(cfg.attention, cfg.dtype, self.head_dim)
         dtype, pdtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
         self.qkv = nnx.Linear(
             D, 3 * D, use_bias=cfg.qkv_bias, dtype=dtype, param_dtype=pdtype, rngs=rngs,
@@ -152,6 +168,10 @@ class Block(nnx.Module):
         return x, cache
 
 
+def _block_forward(block, x, dropout_key):
+    return block(x, dropout_key=dropout_key)[0]
+
+
 class GPT(nnx.Module):
     def __init__(self, cfg, *, rngs: nnx.Rngs):
         """`cfg` is the `model` section of the run config, with vocab_size set."""
@@ -184,6 +204,10 @@ class GPT(nnx.Module):
         new_cache = [] if cache is not None else None
         for i, block in enumerate(self.blocks):
             layer_cache = None if cache is None else cache[i]
+            if self.cfg.remat and cache is None and taps is None:
+                # Keep only each block's input for the backward pass; recompute the rest.
+                x = nnx.remat(_block_forward)(block, x, _subkey(dropout_key, i))
+                continue
             x, layer_cache = block(x, cache=layer_cache, pos=pos, dropout_key=_subkey(dropout_key, i), taps=taps)
             if cache is not None:
                 new_cache.append(layer_cache)

@@ -181,6 +181,11 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(BATCH_AXES))
 
 
+def stacked_batch_sharding(mesh: Mesh) -> NamedSharding:
+    """For [k, B, ...] stacks of k batches: the batch axis (second) is split."""
+    return NamedSharding(mesh, P(None, BATCH_AXES))
+
+
 def process_rows(mesh: Mesh, global_batch: int) -> np.ndarray:
     """Rows of the global batch that live on this process's devices, in the
     order `jax.make_array_from_process_local_data` expects them."""
@@ -189,17 +194,21 @@ def process_rows(mesh: Mesh, global_batch: int) -> np.ndarray:
     return np.concatenate([np.arange(a, b) for a, b in spans])
 
 
-def to_global(batch_np: np.ndarray, mesh: Mesh, global_batch: int | None = None) -> jax.Array:
+def to_global(batch_np: np.ndarray, mesh: Mesh, global_batch: int | None = None, stacked: bool = False) -> jax.Array:
     """A global array split over the batch axes, from this process's rows.
 
     `batch_np` holds the rows `process_rows` names (each process loads only
     its share), or the whole global batch (then this process keeps its rows).
+    `stacked`: a [k, B, ...] stack of k batches, split along its second axis.
     """
-    global_batch = global_batch or batch_np.shape[0]
-    if batch_np.shape[0] == global_batch and jax.process_count() > 1:
-        batch_np = batch_np[process_rows(mesh, global_batch)]
-    global_shape = (global_batch, *batch_np.shape[1:])
-    return jax.make_array_from_process_local_data(batch_sharding(mesh), batch_np, global_shape)
+    axis = 1 if stacked else 0
+    global_batch = global_batch or batch_np.shape[axis]
+    if batch_np.shape[axis] == global_batch and jax.process_count() > 1:
+        batch_np = np.take(batch_np, process_rows(mesh, global_batch), axis=axis)
+    global_shape = list(batch_np.shape)
+    global_shape[axis] = global_batch
+    sh = stacked_batch_sharding(mesh) if stacked else batch_sharding(mesh)
+    return jax.make_array_from_process_local_data(sh, batch_np, tuple(global_shape))
 
 
 # ----------------------------------------------------------------------------- multi-host

@@ -25,11 +25,12 @@ from gptjax import data as data_lib
 from gptjax import diagnostics as diag_lib
 from gptjax import metrics as metrics_lib
 from gptjax import model as model_lib
+from gptjax import runtime
 from gptjax import sharding
 from gptjax import faults
 from gptjax.checkpoint import Checkpointer, CheckpointWriteError, abstract_like, check_resume_config
 from gptjax.errors import UserError, exit_with
-from gptjax.metrics import MetricsLog
+from gptjax.metrics import MetricsLog, flops_per_token, peak_flops
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Run config file (optionally FILE:SIZE).")
 # allow_override: gptjax.sample defines --workdir too, and a notebook imports both modules.
@@ -115,21 +116,54 @@ def loss_fn(graphdef, params, x, y, dropout_key=None):
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
 
-def make_train_step(graphdef, tx, seed: int, dropout: float, state_sh, batch_sh, scalar_sh):
+def make_train_step(graphdef, tx, seed: int, dropout: float, state_sh, batch_sh, scalar_sh,
+                    grad_accum: int = 1, steps_per_call: int = 1):
+    """One compiled call: `steps_per_call` optimizer steps, each over `grad_accum` micro-batches.
+
+    With steps_per_call = 1 the call takes x, y of shape [B, T] and returns
+    scalar metrics; with k > 1 it takes [k, B, T] (k consecutive batches) and
+    returns metrics of shape [k], one entry per step, so logging sees every
+    step. Micro-batch i holds rows i, i+A, i+2A, ... of the batch: each device
+    keeps its own rows, and equal-size micro-batches make the mean of their
+    mean losses equal the full batch's mean loss.
+    """
     base_key = jax.random.key(seed)
     gathered = sharding.compute_shardings(state_sh["params"])  # FSDP: weights gathered for compute
 
-    def train_step(state, x, y):
+    def grads_of(params, x, y, key):
+        compute = lambda p: loss_fn(graphdef, jax.lax.with_sharding_constraint(p, gathered), x, y, key)
+        return jax.value_and_grad(compute)(params)
+
+    def accumulated(params, x, y, key):
+        B, T = x.shape
+        micro = lambda a: a.reshape(B // grad_accum, grad_accum, T).swapaxes(0, 1)
+
+        def body(carry, i_xy):
+            i, mx, my = i_xy
+            loss, grads = grads_of(params, mx, my, None if key is None else jax.random.fold_in(key, i))
+            return jax.tree.map(jnp.add, carry, (loss, grads)), None
+
+        zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+        (loss, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(grad_accum), micro(x), micro(y)))
+        return jax.tree.map(lambda g: g / grad_accum, (loss, grads))
+
+    def one_step(state, x, y):
         key = jax.random.fold_in(base_key, state["step"]) if dropout > 0 else None
-        loss, grads = jax.value_and_grad(
-            lambda p: loss_fn(graphdef, jax.lax.with_sharding_constraint(p, gathered), x, y, key)
-        )(state["params"])
+        if grad_accum > 1:
+            loss, grads = accumulated(state["params"], x, y, key)
+        else:
+            loss, grads = grads_of(state["params"], x, y, key)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1}
         grad_norm = optax.tree.norm(grads)
         new_state, finite = faults.skip_nonfinite(state, new_state, loss, grad_norm)
         return new_state, {"loss": loss, "grad_norm": grad_norm, "finite": finite}
+
+    def train_step(state, x, y):
+        if steps_per_call == 1:
+            return one_step(state, x, y)
+        return jax.lax.scan(lambda s, xy: one_step(s, *xy), state, (x, y))
 
     return jax.jit(
         train_step,
@@ -213,14 +247,49 @@ class Run:
         self.signals = faults.StopSignals()
         self.resumed_from = self._maybe_restore()
 
-        self.train_step = make_train_step(
-            self.graphdef, self.tx, t.seed, cfg.model.dropout, self.state_sh, self.batch_sh, self.scalar_sh
-        )
+        self._step_fns = {}  # steps per call -> compiled train step
+        self.train_step = self.step_fn(1)
         self.eval_step = make_eval_step(self.graphdef, self.params_sh, self.batch_sh, self.scalar_sh)
         self.tokens_per_step = t.batch_size * cfg.model.block_size
+        counts = model_lib.param_counts(self.state["params"])
+        self.flops_per_token = flops_per_token(cfg.model, sum(counts.values()), counts.get("wpe", 0))
+        self.peak_flops, self.peak_source = peak_flops(list(self.mesh.devices.flat))
         self._eval_batches = {}
         # Compiled only when asked for: diagnostics off costs nothing per step.
         self.diagnostics = diag_lib.make_diagnostics_step(self.graphdef, self.tx) if t.diagnostics_every else None
+
+    def step_fn(self, k: int):
+        """The compiled train step that runs k optimizer steps per call."""
+        if k not in self._step_fns:
+            t = self.cfg.train
+            batch_sh = sharding.stacked_batch_sharding(self.mesh) if k > 1 else self.batch_sh
+            self._step_fns[k] = make_train_step(
+                self.graphdef, self.tx, t.seed, self.cfg.model.dropout, self.state_sh, batch_sh, self.scalar_sh,
+                grad_accum=t.grad_accum, steps_per_call=k,
+            )
+        return self._step_fns[k]
+
+    def steps_in_call(self, step: int, stop_at: int | None = None) -> int:
+        """train.steps_per_call, or 1 where a whole call would run past a log, eval or save point."""
+        t = self.cfg.train
+        k = t.steps_per_call
+        if k == 1:
+            return 1
+        ends = [t.steps] + ([stop_at] if stop_at is not None and stop_at > step else [])
+        ends += [(step // every + 1) * every
+                 for every in (t.log_every, t.eval_every, t.checkpoint_every, t.diagnostics_every, t.sample_every)
+                 if every]
+        return k if step + k <= min(ends) else 1
+
+    def train_batches(self, step: int, k: int):
+        """The batches of steps step..step+k-1: [B, T] for k = 1, else stacked [k, B, T]."""
+        if k == 1:
+            return self.batch(self.train_ids, step, data_lib.TRAIN_STREAM)
+        m, t = self.cfg.model, self.cfg.train
+        xy = [data_lib.get_batch(self.train_ids, m.block_size, t.batch_size, t.seed, s, data_lib.TRAIN_STREAM,
+                                 rows=self.batch_rows)
+              for s in range(step, step + k)]
+        return tuple(sharding.to_global(np.stack(a), self.mesh, t.batch_size, stacked=True) for a in zip(*xy))
 
     def _check_config_against_workdir(self) -> list[str]:
         """Refuse (UserError, workdir untouched) a resume whose config changed what must not change."""
@@ -459,31 +528,40 @@ class Run:
         best_val = float("inf")
         pending, window_start, window_steps = [], time.perf_counter(), 0
         t0 = time.perf_counter()
-        next_batch = self.batch(self.train_ids, start, data_lib.TRAIN_STREAM)
+        n = self.steps_in_call(start, stop_at)
+        next_batch = self.train_batches(start, n)
         last = {}
-        for step in range(start, t.steps):
+        step = done = start
+        while step < t.steps:
             x, y = next_batch
-            if self.diagnostics_due(step + 1):
+            if n == 1 and self.diagnostics_due(step + 1):  # calls never straddle a diagnostics step
                 self.diagnose(step + 1, x, y)
-            self.state, out = self.train_step(self.state, x, y)
-            done = step + 1
+            self.state, out = self.step_fn(n)(self.state, x, y)
+            done = step + n
             if done < t.steps:  # prepared while the step runs
-                next_batch = self.batch(self.train_ids, done, data_lib.TRAIN_STREAM)
+                n_next = self.steps_in_call(done, stop_at)
+                next_batch = self.train_batches(done, n_next)
             pending.append(out)
             self.nonfinite.record(step, out["finite"])
-            window_steps += 1
+            window_steps += n
             val_loss = None
-            self.console.advance()
+            self.console.advance(n)
+            step, n = done, (n_next if done < t.steps else n)
 
             if done % t.log_every == 0 or done == t.steps:
                 outs = jax.device_get(pending)
                 elapsed = time.perf_counter() - window_start
                 skipped = self.nonfinite.check()
-                good = [o["loss"] for o in outs if o["finite"]]  # skipped steps changed nothing
-                loss = float(np.mean(good)) if good else float("nan")
+                losses = np.concatenate([np.atleast_1d(o["loss"]) for o in outs])
+                finite = np.concatenate([np.atleast_1d(o["finite"]) for o in outs])
+                good = losses[finite.astype(bool)]  # skipped steps changed nothing
+                loss = float(np.mean(good)) if good.size else float("nan")
+                tokens_per_s = window_steps * self.tokens_per_step / elapsed
                 rec = {"step": done, "train_loss": loss, "lr": float(self.schedule(done - 1)),
-                       "grad_norm": float(outs[-1]["grad_norm"]),
-                       "tokens_per_s": window_steps * self.tokens_per_step / elapsed}
+                       "grad_norm": float(np.atleast_1d(outs[-1]["grad_norm"])[-1]),
+                       "tokens_per_s": tokens_per_s}
+                if self.peak_flops:
+                    rec["mfu"] = tokens_per_s * self.flops_per_token / self.peak_flops
                 if self.nonfinite.total:
                     rec["skipped_steps"] = self.nonfinite.total
                 if skipped:
@@ -535,6 +613,7 @@ def main(argv):
         exit_with(UserError(f"unexpected arguments {argv[1:]}; config keys go as --config.SECTION.KEY=VALUE."))
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     cfg = _CONFIG.value
+    runtime.configure(compilation_cache=bool(cfg.train.get("compilation_cache", True)))
     try:
         sharding.initialize_distributed(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value,
                                         _PROCESS_ID.value)

@@ -1,0 +1,139 @@
+"""Speed switches change how the step runs, never what it computes."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import run_cli, small_config
+from gptjax import metrics, runtime
+from gptjax.metrics import read_metrics
+from gptjax.train import Run, loss_fn
+
+
+def _leaves(tree):
+    return [np.asarray(a, np.float32) for a in jax.tree.leaves(tree)]
+
+
+def test_bfloat16_compute_trains_as_well_as_float32(text_file, tmp_path):
+    # 300 steps of a 2-layer, 32-wide model: the same question as the tiny
+    # config's (does bf16 compute with f32 master weights lose accuracy?) at a
+    # test's cost.
+    final = {}
+    for dtype in ("float32", "bfloat16"):
+        cfg = small_config(text_file, tmp_path / dtype, **{
+            "model.dtype": dtype, "train.steps": 300, "train.lr": 3e-3, "train.eval_every": 300,
+            "train.checkpoint_every": 300, "train.log_every": 50, "train.steps_per_call": 10,
+        })
+        run = Run(cfg, cfg.workdir, quiet=True)
+        assert run.state["params"]["wte"]["embedding"].dtype == jnp.float32  # master weights stay f32
+        final[dtype] = run.train()["val_loss"]
+    assert final["float32"] < 2.5  # it did learn
+    assert abs(final["bfloat16"] - final["float32"]) <= 0.02 * final["float32"]
+
+
+def test_remat_gives_the_same_loss_and_gradients(text_file, tmp_path):
+    out = {}
+    for remat in (False, True):
+        cfg = small_config(text_file, tmp_path / str(remat), **{"model.remat": remat, "model.dropout": 0.1})
+        run = Run(cfg, cfg.workdir, quiet=True)
+        x, y = run.batch(run.train_ids, 0, 0)
+        key = jax.random.key(3)
+        out[remat] = jax.jit(jax.value_and_grad(lambda p: loss_fn(run.graphdef, p, x, y, key)))(run.state["params"])
+    np.testing.assert_allclose(out[True][0], out[False][0], rtol=1e-6)
+    for a, b in zip(_leaves(out[True][1]), _leaves(out[False][1])):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_grad_accumulation_equals_one_full_batch_step(text_file, tmp_path):
+    after = {}
+    for accum in (1, 4):
+        cfg = small_config(text_file, tmp_path / str(accum), **{"train.batch_size": 8, "train.grad_accum": accum})
+        run = Run(cfg, cfg.workdir, quiet=True)
+        x, y = run.batch(run.train_ids, 0, 0)
+        state, out = run.step_fn(1)(run.state, x, y)
+        state, out2 = run.step_fn(1)(state, x, y)  # a second step sees the updated optimizer state
+        after[accum] = (float(out["loss"]), float(out2["loss"]), float(out2["grad_norm"]), state["params"])
+    np.testing.assert_allclose(after[4][:3], after[1][:3], rtol=1e-5)
+    for a, b in zip(_leaves(after[4][3]), _leaves(after[1][3])):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_several_steps_per_call_equal_single_steps(text_file, tmp_path):
+    # 23 steps, 5 per call: logs every 5 and evals every 10 must still land on
+    # their steps, and the last 3 steps run one at a time.
+    runs = {}
+    for k in (1, 5):
+        cfg = small_config(text_file, tmp_path / str(k), **{
+            "train.steps": 23, "train.steps_per_call": k, "model.dropout": 0.1})
+        run = Run(cfg, cfg.workdir, quiet=True)
+        run.train()
+        runs[k] = (read_metrics(f"{cfg.workdir}/metrics.jsonl"), run.state["params"])
+    logged = {k: [(r["step"], r.get("train_loss"), r.get("val_loss")) for r in recs] for k, (recs, _) in runs.items()}
+    assert [s for s, *_ in logged[5]] == [s for s, *_ in logged[1]]
+    assert [r["step"] for r in runs[5][0] if "lr" in r] == [5, 10, 15, 20, 23]
+    for (_, l1, v1), (_, l5, v5) in zip(logged[1], logged[5]):
+        np.testing.assert_allclose([l5 or 0, v5 or 0], [l1 or 0, v1 or 0], rtol=1e-5)
+    for a, b in zip(_leaves(runs[5][1]), _leaves(runs[1][1])):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_steps_per_call_logs_tokens_per_second_and_mfu(text_file, tmp_path):
+    cfg = small_config(text_file, tmp_path / "run", **{"train.steps_per_call": 5})
+    Run(cfg, cfg.workdir, quiet=True).train()
+    recs = [r for r in read_metrics(f"{cfg.workdir}/metrics.jsonl") if "lr" in r]
+    assert all(r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1 for r in recs)
+
+
+def test_flops_per_token_follows_the_palm_formula():
+    cfg = small_config("unused", "unused").model
+    cfg.vocab_size = 65
+    L, D, T, V = cfg.n_layer, cfg.n_embd, cfg.block_size, 65
+    blocks = L * (12 * D * D + 4 * D)  # qkv, proj, fc, out; two LayerNorm scales
+    n_params = blocks + V * D + T * D + D
+    expected = 6 * (n_params - T * D) + 12 * L * D * T
+    assert metrics.flops_per_token(cfg, n_params, T * D) == expected
+    cfg.tie_embeddings = False
+    assert metrics.flops_per_token(cfg, n_params + V * D, T * D) == expected  # lm_head counted once
+
+
+@pytest.mark.parametrize("kind, peak", [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
+                                        ("TPU v5 lite", 197e12), ("TPU v5", 459e12), ("Tesla T4", 65e12),
+                                        ("NVIDIA L40S", 362e12), ("TPU v6 lite", 918e12)])
+def test_datasheet_peaks_match_the_most_specific_name(kind, peak):
+    assert metrics.datasheet_peak(kind) == peak
+
+
+def test_malloc_tuning_applies_on_linux():
+    import sys
+
+    assert runtime.keep_freed_memory() is sys.platform.startswith("linux")
+
+
+def test_add_xla_flags_keeps_what_the_user_set(monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=")
+    runtime.add_xla_flags(["--xla_cpu_experimental_ynn_fusion_type=dot", "--xla_foo=1"])
+    import os
+
+    assert os.environ["XLA_FLAGS"] == "--xla_cpu_experimental_ynn_fusion_type= --xla_foo=1"
+
+
+def test_bench_prints_one_json_line(text_file):
+    res = run_cli("gptjax.bench", "--config", "configs/tiny.py", f"--config.data.path={text_file}",
+                  "--config.model.n_layer=2", "--config.model.n_embd=32", "--config.model.block_size=16",
+                  "--config.train.batch_size=4", "--config.train.steps_per_call=2", "--steps=6", "--warmup=2")
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.strip().splitlines()
+    assert len(lines) == 1
+    out = json.loads(lines[0])
+    assert out["tokens_per_step"] == 64 and out["timed_steps"] >= 6 and out["platform"] == "cpu"
+    assert out["params"] > 0 and out["ms_per_step"] > 0 and out["compile_s"] > 0
+    assert out["tokens_per_s"] == pytest.approx(64 / (out["ms_per_step"] / 1000), rel=1e-3)
+    assert out["mfu"] == pytest.approx(out["tflops"] / out["peak_tflops"], rel=0.01)
+
+
+def test_bench_rejects_bad_steps(text_file):
+    res = run_cli("gptjax.bench", "--config", "configs/tiny.py", f"--config.data.path={text_file}", "--steps=0")
+    assert res.returncode == 2 and res.stderr.startswith("error: ") and "Traceback" not in res.stderr
