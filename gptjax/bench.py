@@ -30,8 +30,8 @@ flags.DEFINE_integer("sample_layers", 6, "Layers of the benchmarked model.")
 flags.DEFINE_integer("sample_width", 384, "Width (n_embd) of the benchmarked model; 64 per head.")
 flags.DEFINE_integer("sample_vocab", 65, "Vocabulary size (65: Tiny Shakespeare characters).")
 flags.DEFINE_integer("sample_tokens", 64, "Tokens decoded per timed run with the cache.")
-flags.DEFINE_integer("sample_tokens_nocache", 8, "Tokens decoded per timed run without the cache.")
-flags.DEFINE_integer("sample_repeats", 2, "Timed runs per setting; the fastest counts.")
+flags.DEFINE_integer("sample_tokens_nocache", 16, "Tokens decoded per timed run without the cache.")
+flags.DEFINE_integer("sample_repeats", 3, "Timed runs per setting; the fastest counts.")
 FLAGS = flags.FLAGS
 
 
@@ -56,7 +56,7 @@ def _timed_generate(graphdef, params, block: int, vocab_size: int, n_new: int, u
 
 
 def bench_sample(contexts=(256, 1024), n_layer: int = 6, n_embd: int = 384, vocab_size: int = 65,
-                 n_tokens: int = 64, n_tokens_nocache: int = 8, repeats: int = 2) -> dict:
+                 n_tokens: int = 64, n_tokens_nocache: int = 16, repeats: int = 3) -> dict:
     """Decode tokens/s with and without the KV cache, per context length."""
     if n_embd % 64 or n_layer < 1 or min(contexts) < 4 or min(n_tokens, n_tokens_nocache) < 2 or repeats < 1:
         raise UserError("sample benchmark: need width a multiple of 64, >= 1 layer, contexts >= 4, "

@@ -95,7 +95,9 @@ def sample_token(logits_BxV, key, temperature, top_k=0, top_p=1.0):
 def _prefill(model, tokens_BxN, prompt_len, use_cache: bool):
     block = model.cfg.block_size
     B = tokens_BxN.shape[0]
-    window = tokens_BxN[:, :block]  # the prompt, then zeros that later steps overwrite
+    # A fixed-size window (the prompt, then zeros that later steps overwrite): one
+    # compiled prefill serves every prompt length.
+    window = tokens_BxN[:, :block]
     if not use_cache:
         return model(window, logits_at=prompt_len - 1)[:, 0], (), jnp.int32(0)
     cache = model_lib.init_cache(model.cfg, B, block)
@@ -103,26 +105,26 @@ def _prefill(model, tokens_BxN, prompt_len, use_cache: bool):
     return logits[:, 0], cache, jnp.asarray(prompt_len, jnp.int32)
 
 
-def _feed(model, tokens_BxN, i, cache, cache_len, use_cache: bool):
-    """Logits for token i + 1, given that tokens[:, i] was just written."""
+def _feed(model, tokens_BxN, i, cache, cache_len, mode: str):
+    """Logits for token i + 1, given that tokens[:, i] was just written.
+
+    mode "recompute": a full forward pass over the window ending at i (no cache);
+    "append": one decode step at cache position cache_len;
+    "slide": the window is full, so re-prefill its last block-1 tokens plus the new one at 0..block-1.
+    """
     block = model.cfg.block_size
     B = tokens_BxN.shape[0]
-    if not use_cache:
+    if mode == "recompute":
         start = jnp.maximum(0, i + 1 - block)
         window = jax.lax.dynamic_slice(tokens_BxN, (0, start), (B, block))
         return model(window, logits_at=i - start)[:, 0], cache, cache_len
-
-    def append(cache):
+    if mode == "append":
         tok = jax.lax.dynamic_slice(tokens_BxN, (0, i), (B, 1))
         logits, cache = model(tok, cache=cache, pos=cache_len)
         return logits[:, 0], cache, cache_len + 1
-
-    def slide(cache):  # the window is full: re-prefill its last block-1 tokens plus the new one
-        window = jax.lax.dynamic_slice(tokens_BxN, (0, i + 1 - block), (B, block))
-        logits, cache = model(window, cache=cache, pos=0, logits_at=block - 1)
-        return logits[:, 0], cache, jnp.int32(block)
-
-    return jax.lax.cond(cache_len < block, append, slide, cache)
+    window = jax.lax.dynamic_slice(tokens_BxN, (0, i + 1 - block), (B, block))
+    logits, cache = model(window, cache=cache, pos=0, logits_at=block - 1)
+    return logits[:, 0], cache, cache_len
 
 
 def _start(model, tokens_BxN, prompt_len, key, use_cache: bool):
@@ -137,9 +139,10 @@ def _advance(model, state, settings, n_steps: int, use_cache: bool):
     s = settings
     M = s["stop_ids"].shape[0]
     B = state["tokens"].shape[0]
+    block = model.cfg.block_size
     limit = jnp.minimum(s["max_len"], state["length"] + n_steps)
 
-    def body(st):
+    def body(st, mode):
         i = st["length"]
         # A key per position: chunked (streamed) and one-shot generation draw the same tokens.
         tok_B = sample_token(st["logits"], jax.random.fold_in(st["key"], i), s["temperature"], s["top_k"], s["top_p"])
@@ -149,14 +152,19 @@ def _advance(model, state, settings, n_steps: int, use_cache: bool):
             first = i - M + 1
             tail = jax.lax.dynamic_slice(tokens, (0, jnp.maximum(first, 0)), (B, M))
             hit |= jnp.all(tail == s["stop_ids"][None], axis=-1) & (first >= s["prompt_len"])
-        logits, cache, cache_len = _feed(model, tokens, i, st["cache"], st["cache_len"], use_cache)
+        logits, cache, cache_len = _feed(model, tokens, i, st["cache"], st["cache_len"], mode)
         return {**st, "tokens": tokens, "length": i + 1, "logits": logits, "cache": cache,
                 "cache_len": cache_len, "done": st["done"] | hit}
 
-    def cond(st):
+    def going(st):
         return (st["length"] < limit) & ~jnp.all(st["done"])
 
-    return jax.lax.while_loop(cond, body, state)
+    if not use_cache:
+        return jax.lax.while_loop(going, functools.partial(body, mode="recompute"), state)
+    # Two loops rather than a lax.cond per step: the cache fills, then (if the text goes on) slides.
+    state = jax.lax.while_loop(lambda st: going(st) & (st["cache_len"] < block),
+                               functools.partial(body, mode="append"), state)
+    return jax.lax.while_loop(going, functools.partial(body, mode="slide"), state)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "use_cache"))

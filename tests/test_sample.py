@@ -10,7 +10,7 @@ from flax import nnx
 from hypothesis import given, settings, strategies as st
 from hypothesis.extra.numpy import arrays
 
-from conftest import run_cli, small_config
+from conftest import run_cli
 from gptjax import config as config_lib
 from gptjax import model as model_lib
 from gptjax import sample as sample_lib
@@ -73,12 +73,14 @@ def test_decode_state_logits_match_recomputation_past_block_size(tiny):
     prompt = np.arange(1, P + 1)
     s = settings_for(P, n_new, temperature=1.0)
     state = sample_lib.start(graphdef, params, prompt_buffer(prompt, 1, block, n_new), P, jax.random.key(3))
+    forward = jax.jit(lambda p, w: nnx.merge(graphdef, p)(w))
     for _ in range(n_new):
         state = sample_lib.advance(graphdef, params, state, s, n_steps=1)
         length = int(state["length"])
-        tokens = state["tokens"][:, :length]
-        window = tokens[:, max(0, length - block):]
-        np.testing.assert_allclose(state["logits"], model(window)[:, -1], atol=1e-5, rtol=1e-5)
+        start = max(0, length - block)
+        window = state["tokens"][:, start:start + block]  # zeros after `length` cannot affect earlier logits
+        ref = forward(params, window)[:, length - 1 - start]
+        np.testing.assert_allclose(state["logits"], ref, atol=1e-5, rtol=1e-5)
     assert int(state["length"]) == P + n_new > block
 
 
@@ -174,32 +176,27 @@ def test_top_p_keeps_exactly_the_nucleus():
 
 # ----------------------------------------------------------------------------- a trained workdir: API and CLI
 
+@pytest.fixture
+def workdir(trained_workdir):
+    return trained_workdir
+
+
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    from conftest import SAMPLE_TEXT
-    from gptjax.train import Run
-
-    root = tmp_path_factory.mktemp("sample")
-    text = root / "corpus.txt"
-    text.write_text(SAMPLE_TEXT, encoding="utf-8")
-    cfg = small_config(str(text), root / "run")
-    cfg.train.steps = 60
-    Run(cfg, cfg.workdir, quiet=True).train()
-    return cfg.workdir
+def gen(trained_workdir):
+    return sample_lib.Generator.from_workdir(trained_workdir)
 
 
-def test_api_generates_past_block_size_and_streams_the_same_text(workdir):
-    g = sample_lib.Generator.from_workdir(workdir)
+def test_api_generates_past_block_size_and_streams_the_same_text(gen):
+    g = gen
     text = g.generate("First", max_new_tokens=40, seed=3)  # block_size is 16
     assert text.startswith("First") and len(text) == len("First") + 40
     assert "".join(g.stream("First", max_new_tokens=40, seed=3, chunk_size=7)) == text
-    assert g.generate("First", max_new_tokens=40, seed=3, use_cache=False) == text
     texts = g.samples("All", num_samples=3, max_new_tokens=20, seed=1)
     assert len(texts) == 3 and all(t.startswith("All") and len(t) == 23 for t in texts)
 
 
-def test_stop_string_ends_the_text_before_it(workdir):
-    g = sample_lib.Generator.from_workdir(workdir)
+def test_stop_string_ends_the_text_before_it(gen):
+    g = gen
     free = g.generate("First", max_new_tokens=60, temperature=0)
     stop = free[len("First") + 3: len("First") + 5]  # a string the greedy text will produce
     cut = g.generate("First", max_new_tokens=60, temperature=0, stop=stop)
@@ -214,14 +211,13 @@ def test_stop_string_ends_the_text_before_it(workdir):
     ({"top_k": -1}, "top_k must be >= 0"),
     ({"max_new_tokens": 0}, "max_new_tokens must be >= 1"),
 ])
-def test_bad_sampling_settings_are_one_clear_error(workdir, kwargs, needle):
-    g = sample_lib.Generator.from_workdir(workdir)
+def test_bad_sampling_settings_are_one_clear_error(gen, kwargs, needle):
     with pytest.raises(UserError, match=needle.replace("(", r"\(").replace("]", r"\]")):
-        g.generate("First", **kwargs)
+        gen.generate("First", **kwargs)
 
 
-def test_top_k_above_the_vocabulary_is_clamped_with_a_warning(workdir):
-    g = sample_lib.Generator.from_workdir(workdir)
+def test_top_k_above_the_vocabulary_is_clamped_with_a_warning(gen):
+    g = gen
     vocab = g.tokenizer.vocab_size
     with pytest.warns(UserWarning, match=f"using top_k={vocab}"):
         a = g.generate("First", max_new_tokens=10, top_k=vocab + 100)
@@ -236,11 +232,7 @@ def assert_clean_error(proc, *needles):
 
 
 @pytest.mark.parametrize("flag, needle", [
-    ("--temperature=-1", "--temperature must be >= 0"),
-    ("--top_p=0", "--top_p must be in (0, 1]"),
     ("--top_p=1.01", "--top_p must be in (0, 1]"),
-    ("--top_k=-3", "--top_k must be >= 0"),
-    ("--max_new_tokens=0", "--max_new_tokens must be >= 1"),
     ("--step=7", "no checkpoint at step 7"),
 ])
 def test_cli_bad_input_is_one_clean_error(workdir, flag, needle):
