@@ -3,6 +3,10 @@
 6 layers, 6 heads, 384 wide, block 256, batch 64, dropout 0.2, 5000 steps,
 lr 1e-3 decaying to 1e-4, beta2 0.99. A few minutes on one GPU; far longer
 on a CPU.
+
+`--config configs/shakespeare.py:bpe` is the ~3.5M BPE model instead: a
+sentencepiece BPE of 500 tokens trained on the text; 5 layers, 6 heads, 240
+wide, block 256.
 """
 
 from gptjax.config import base_config
@@ -18,4 +22,10 @@ def get_config(size=None):
     c.train.eval_every, c.train.eval_steps = 250, 200
     c.train.checkpoint_every = 1000
     c.data.dataset, c.data.tokenizer = "tinyshakespeare", "char"
+    if size == "bpe":
+        c.workdir = "runs/shakespeare-bpe"
+        c.model.n_layer, c.model.n_head, c.model.n_embd, c.model.block_size = 5, 6, 240, 256
+        c.data.tokenizer, c.data.vocab_size = "sentencepiece", 500
+    elif size not in (None, "char"):
+        raise ValueError(f"unknown size {size!r} for configs/shakespeare.py; sizes: char (default), bpe")
     return c

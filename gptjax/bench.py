@@ -64,7 +64,8 @@ def bench_sample(contexts=(256, 1024), n_layer: int = 6, n_embd: int = 384, voca
     results = []
     for block in contexts:
         cfg = config_lib.base_config().model
-        cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size, cfg.vocab_size = n_layer, n_embd // 64, n_embd, block, vocab_size
+        cfg.n_layer, cfg.n_head, cfg.n_embd = n_layer, n_embd // 64, n_embd
+        cfg.block_size, cfg.vocab_size = block, vocab_size
         graphdef, state = nnx.split(model_lib.GPT(cfg, rngs=nnx.Rngs(0)))
         params = nnx.to_pure_dict(state)
         row = {"context": block}

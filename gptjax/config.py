@@ -55,13 +55,23 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.seed = 1337
     c.train.grad_accum = 1
     c.train.steps_per_call = 1
+    c.train.eval_full = False  # also a full pass over the validation split at the end
 
     c.data = ml_collections.ConfigDict()
-    c.data.dataset = "tinyshakespeare"
-    c.data.path = ""  # a local text file instead of the named dataset
-    c.data.tokenizer = "char"
-    c.data.vocab_size = 0
-    c.data.val_fraction = 0.1
+    c.data.dataset = "tinyshakespeare"  # tinyshakespeare|tinystories|wikitext2|wikitext103|openwebtext|text|hf
+    c.data.path = ""  # local file, folder or glob of .txt/.jsonl/.json/.parquet (wins over the named dataset)
+    c.data.text_field = "text"  # column that holds the text in .json/.jsonl/.parquet files and hub datasets
+    c.data.hf_name = ""  # dataset=hf: a Hugging Face hub dataset name
+    c.data.hf_config = ""  # dataset=hf: its config name, if it has several
+    c.data.hf_train_split = "train"
+    c.data.hf_val_split = "validation"  # "": cut data.val_fraction of the training rows off instead
+    c.data.streaming = False  # stream hub datasets instead of downloading them whole
+    c.data.tokenizer = "char"  # char | sentencepiece | gpt2 | path/to/a/sentencepiece.model
+    c.data.vocab_size = 0  # sentencepiece: vocabulary to train
+    c.data.sp_model_type = "bpe"  # sentencepiece: bpe | unigram
+    c.data.sp_max_chars = 5_000_000  # sentencepiece: cap on training characters (keeps training to seconds)
+    c.data.num_proc = 0  # tokenization threads; 0: one per core, at most 8
+    c.data.val_fraction = 0.1  # where a source has no validation split
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1: all devices not used by the other axes
@@ -104,6 +114,19 @@ def validate(c: ml_collections.ConfigDict) -> None:
         f"train.batch_size ({t.batch_size}) must be divisible by train.grad_accum ({t.grad_accum}).",
     )
     _require(0.0 < c.data.val_fraction < 1.0, f"data.val_fraction must be in (0, 1), got {c.data.val_fraction}.")
+    d = c.data
+    _require(
+        d.tokenizer in ("char", "sentencepiece", "gpt2") or d.tokenizer.endswith(".model"),
+        f"data.tokenizer must be char, sentencepiece, gpt2 or a path to a sentencepiece .model file; "
+        f"got {d.tokenizer!r}.",
+    )
+    _require(
+        d.tokenizer != "sentencepiece" or d.vocab_size >= 1,
+        "data.tokenizer=sentencepiece needs data.vocab_size, e.g. --config.data.vocab_size=4096.",
+    )
+    _require(d.sp_model_type in ("bpe", "unigram"), f"data.sp_model_type must be bpe or unigram, got {d.sp_model_type!r}.")
+    _require(d.sp_max_chars >= 1, f"data.sp_max_chars must be positive, got {d.sp_max_chars}.")
+    _require(d.num_proc >= 0, f"data.num_proc must be >= 0 (0: one per core), got {d.num_proc}.")
     _require(c.workdir != "", "workdir is empty; pass --workdir DIR.")
 
 

@@ -25,12 +25,27 @@ from gptjax.errors import UserError, exit_with
 from gptjax.sample import load_run
 
 
-def bits_per_byte(total_nats: float, n_bytes: int) -> float:
-    """Summed next-token loss (nats) over a text -> bits per UTF-8 byte of that text.
+def bits_per_byte(mean_loss: float, n_tokens: int, n_bytes: int) -> float:
+    """Nats per token -> bits per UTF-8 byte of the text those tokens spell.
 
-    Unlike loss per token, this compares models with different tokenizers.
+    The same quantity as training's evaluation reports (kept here so that this
+    entry point does not import the trainer and its flags).
     """
-    return total_nats / (math.log(2) * n_bytes)
+    return mean_loss * n_tokens / (math.log(2) * max(1, n_bytes))
+
+
+def validation_ids(run, log) -> np.ndarray:
+    """The validation split encoded with the run's own tokenizer (from the token cache when there)."""
+    import os
+
+    # A training workdir keeps its tokenizer; a --save_quantized folder has no checkpoints/,
+    # so its data is prepared without a workdir and must come out with the same tokenizer.
+    workdir = run.workdir if os.path.isdir(os.path.join(run.workdir, "checkpoints")) else None
+    prepared = data_lib.prepare(run.cfg, workdir, log=log)
+    if prepared.tokenizer.fingerprint() != run.tokenizer.fingerprint():
+        raise UserError(f"the data of {run.workdir}'s config now tokenizes differently from its saved tokenizer; "
+                        "evaluate the training workdir instead.")
+    return np.asarray(prepared.val_ids)
 
 
 def eval_windows(ids: np.ndarray, block_size: int, max_windows: int = 0):
@@ -60,8 +75,8 @@ def evaluate(graphdef, params, x, y, n_bytes: int, batch_size: int = 32) -> dict
     for i in range(0, len(x), batch_size):
         total += float(loss_sum(params, jnp.asarray(x[i:i + batch_size]), jnp.asarray(y[i:i + batch_size])))
     loss = total / y.size
-    return {"val_loss": loss, "perplexity": math.exp(loss), "bits_per_byte": bits_per_byte(total, n_bytes),
-            "tokens": int(y.size), "bytes": int(n_bytes)}
+    return {"val_loss": loss, "perplexity": math.exp(min(loss, 700.0)),
+            "bits_per_byte": bits_per_byte(loss, int(y.size), n_bytes), "tokens": int(y.size), "bytes": int(n_bytes)}
 
 
 def run_eval(workdir: str, step: int | None = None, quantize: str = "none", batch_size: int = 32,
@@ -71,9 +86,9 @@ def run_eval(workdir: str, step: int | None = None, quantize: str = "none", batc
     if batch_size < 1:
         raise UserError(f"--batch_size must be >= 1, got {batch_size}.")
     run = load_run(workdir, step)
-    _, val_text = data_lib.load_splits(run.cfg.data)
-    x, y = eval_windows(run.tokenizer.encode(val_text), run.cfg.model.block_size, max_windows)
-    n_bytes = len(run.tokenizer.decode(y.reshape(-1)).encode("utf-8"))
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)
+    x, y = eval_windows(validation_ids(run, log), run.cfg.model.block_size, max_windows)
+    n_bytes = int(np.asarray(run.tokenizer.token_bytes())[y].sum())
     stored = "float" if run.quantized == "none" else run.quantized
     results = [{"model": stored, "step": run.step, "param_bytes": run.param_bytes,
                 **evaluate(run.graphdef, run.params, x, y, n_bytes, batch_size)}]

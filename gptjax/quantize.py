@@ -116,4 +116,5 @@ def tree_bytes(tree) -> int:
 
 
 def describe_bytes(before: int, after: int) -> str:
-    return f"parameters {before / 2**20:.2f} MiB float -> {after / 2**20:.2f} MiB quantized ({100 * after / before:.1f}%)"
+    return (f"parameters {before / 2**20:.2f} MiB float -> {after / 2**20:.2f} MiB quantized "
+            f"({100 * after / before:.1f}%)")

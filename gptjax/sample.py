@@ -223,6 +223,7 @@ def clamp_top_k(top_k: int, vocab_size: int, explicit: bool, prefix: str = "") -
 
 @dataclasses.dataclass
 class LoadedRun:
+    workdir: str
     cfg: object
     tokenizer: object
     graphdef: object
@@ -266,7 +267,7 @@ def load_run(workdir: str, step: int | None = None, quantize: str = "none") -> L
 
         with ocp.StandardCheckpointer() as ckptr:
             params = ckptr.restore(os.path.abspath(os.path.join(workdir, QUANTIZED_PARAMS)), target)
-        return LoadedRun(cfg, tokenizer, graphdef, params, meta["step"], meta["scheme"], float_bytes,
+        return LoadedRun(workdir, cfg, tokenizer, graphdef, params, meta["step"], meta["scheme"], float_bytes,
                          quantize_lib.tree_bytes(params))
 
     ckpt = Checkpointer(workdir, create=False, async_save=False)
@@ -282,7 +283,8 @@ def load_run(workdir: str, step: int | None = None, quantize: str = "none") -> L
     if quantize != "none":
         model = quantize_lib.quantize_model(nnx.merge(graphdef, params), quantize)
         graphdef, params = nnx.graphdef(model), nnx.to_pure_dict(nnx.state(model))
-    return LoadedRun(cfg, tokenizer, graphdef, params, step, quantize, float_bytes, quantize_lib.tree_bytes(params))
+    return LoadedRun(workdir, cfg, tokenizer, graphdef, params, step, quantize, float_bytes,
+                     quantize_lib.tree_bytes(params))
 
 
 def save_quantized(run: LoadedRun, directory: str) -> None:

@@ -7,6 +7,7 @@ step per batch, evaluating, logging and checkpointing on the way.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
@@ -26,7 +27,6 @@ from gptjax import sharding
 from gptjax.checkpoint import Checkpointer, abstract_like
 from gptjax.errors import UserError, exit_with
 from gptjax.metrics import MetricsLog
-from gptjax.tokenizers import CharTokenizer, load_tokenizer
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Run config file (optionally FILE:SIZE).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder; default: the config's workdir.")
@@ -34,23 +34,31 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder; default: the config
 
 # ----------------------------------------------------------------------------- data
 
-def prepare_data(cfg, workdir: str):
-    """Tokenizer (restored from the workdir when there is one) and id arrays."""
-    train_text, val_text = data_lib.load_splits(cfg.data)
-    tok_dir = os.path.join(workdir, "tokenizer")
-    if os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
-        tokenizer = load_tokenizer(tok_dir)
-    else:
-        if cfg.data.tokenizer != "char":
-            raise UserError(f"unknown tokenizer {cfg.data.tokenizer!r}; known: char.")
-        # The vocabulary covers the whole dataset so that validation text encodes too.
-        tokenizer = CharTokenizer.from_text(train_text + val_text)
-        tokenizer.save(tok_dir)
-    train_ids = tokenizer.encode(train_text)
-    val_ids = tokenizer.encode(val_text)
-    data_lib.check_length(train_ids, cfg.model.block_size, "training")
-    data_lib.check_length(val_ids, cfg.model.block_size, "validation")
-    return tokenizer, train_ids, val_ids
+def prepare_data(cfg, workdir: str, log=print):
+    """Tokenizer (restored from the workdir when there is one) and memory-mapped id arrays."""
+    p = data_lib.prepare(cfg, workdir, log=log)
+    data_lib.check_length(p.train_ids, cfg.model.block_size, "training")
+    data_lib.check_length(p.val_ids, cfg.model.block_size, "validation")
+    return p.tokenizer, p.train_ids, p.val_ids
+
+
+def bits_per_byte(mean_loss: float, n_tokens: int, n_bytes: int) -> float:
+    """Nats per token -> bits per UTF-8 byte of the text those tokens spell.
+
+    Comparable across tokenizers: a char model and a BPE model of the same
+    text are charged for the same bytes.
+    """
+    return mean_loss * n_tokens / (math.log(2) * max(1, n_bytes))
+
+
+def make_eval_sum_step(graphdef, params_sh, batch_sh, scalar_sh):
+    """Summed loss over the rows whose weight is 1 (the padding rows of a last batch weigh 0)."""
+    def eval_sum(params, x, y, w):
+        logits = nnx.merge(graphdef, params)(x)
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), y)
+        return (losses.sum(axis=-1) * w).sum()
+
+    return jax.jit(eval_sum, in_shardings=(params_sh, batch_sh, batch_sh, batch_sh), out_shardings=scalar_sh)
 
 
 # ----------------------------------------------------------------------------- model + optimizer
@@ -124,7 +132,7 @@ class Run:
         config_lib.validate(cfg)
         self.cfg, self.workdir, self.quiet = cfg, workdir, quiet
         os.makedirs(workdir, exist_ok=True)
-        self.tokenizer, self.train_ids, self.val_ids = prepare_data(cfg, workdir)
+        self.tokenizer, self.train_ids, self.val_ids = prepare_data(cfg, workdir, log=self.log)
         with cfg.unlocked():
             cfg.model.vocab_size = self.tokenizer.vocab_size
         with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
@@ -197,14 +205,57 @@ class Run:
         return sharding.to_global(x, self.mesh), sharding.to_global(y, self.mesh)
 
     def evaluate(self) -> dict:
+        """Loss, perplexity and bits per byte on fixed sampled batches of each split.
+
+        With train.eval_full, the last evaluation of a run also makes one pass
+        over the whole validation split (val_full_*).
+        """
+        cfg, t = self.cfg, self.cfg.train
+        if not hasattr(self, "_token_bytes"):
+            self._token_bytes = self.tokenizer.token_bytes()
         out = {}
         for split, ids, stream in (("train", self.train_ids, data_lib.EVAL_TRAIN_STREAM),
                                    ("val", self.val_ids, data_lib.EVAL_VAL_STREAM)):
             if split not in self._eval_batches:  # the same batches at every eval: comparable numbers
-                self._eval_batches[split] = [self.batch(ids, i, stream) for i in range(self.cfg.train.eval_steps)]
-            losses = [self.eval_step(self.state["params"], x, y) for x, y in self._eval_batches[split]]
-            out[f"{split}_loss"] = float(np.mean(jax.device_get(losses)))
+                batches, n_bytes = [], 0
+                for i in range(t.eval_steps):
+                    x, y = data_lib.get_batch(ids, cfg.model.block_size, t.batch_size, t.seed, i, stream)
+                    n_bytes += int(self._token_bytes[y].sum())
+                    batches.append((sharding.to_global(x, self.mesh), sharding.to_global(y, self.mesh)))
+                self._eval_batches[split] = (batches, n_bytes, t.eval_steps * t.batch_size * cfg.model.block_size)
+            batches, n_bytes, n_tokens = self._eval_batches[split]
+            losses = [self.eval_step(self.state["params"], x, y) for x, y in batches]
+            loss = float(np.mean(jax.device_get(losses)))
+            out[f"{split}_loss"] = loss
+            out[f"{split}_ppl"] = math.exp(min(loss, 700.0))
+            out[f"{split}_bpb"] = bits_per_byte(loss, n_tokens, n_bytes)
+        if t.eval_full and int(jax.device_get(self.state["step"])) >= t.steps:
+            out.update(self.evaluate_full())
         return out
+
+    def evaluate_full(self) -> dict:
+        """One pass over the validation split in consecutive block_size windows."""
+        if not hasattr(self, "eval_sum_step"):
+            self.eval_sum_step = make_eval_sum_step(self.graphdef, self.params_sh, self.batch_sh, self.scalar_sh)
+        T, B = self.cfg.model.block_size, self.cfg.train.batch_size
+        n_windows = (len(self.val_ids) - 1) // T
+        total, n_bytes = 0.0, 0
+        for start in range(0, n_windows, B):
+            rows = np.arange(start, min(start + B, n_windows))
+            w = np.zeros((B,), np.float32)
+            w[: len(rows)] = 1.0
+            rows = np.concatenate([rows, np.full(B - len(rows), rows[0])])
+            windows = np.asarray(self.val_ids[rows[:, None] * T + np.arange(T + 1)]).astype(np.int32)
+            x, y = windows[:, :-1], windows[:, 1:]
+            n_bytes += int(self._token_bytes[y[: int(w.sum())]].sum())
+            g = lambda a: sharding.to_global(a, self.mesh)
+            total += float(self.eval_sum_step(self.state["params"], g(x), g(y), g(w)))
+        n_tokens = n_windows * T
+        loss = total / max(1, n_tokens)
+        self.log(f"full validation pass: {n_tokens:,} tokens, loss {loss:.4f}, "
+                 f"bits per byte {bits_per_byte(loss, n_tokens, n_bytes):.4f}")
+        return {"val_full_loss": loss, "val_full_ppl": math.exp(min(loss, 700.0)),
+                "val_full_bpb": bits_per_byte(loss, n_tokens, n_bytes), "val_full_tokens": n_tokens}
 
     def save(self, step: int, force: bool = False) -> None:
         self.ckpt.save(step, self.state["params"], self.state["opt_state"], {"step": step}, force=force)

@@ -21,9 +21,10 @@ def test_windows_score_every_token_once():
 
 
 def test_bits_per_byte():
-    assert math.isclose(eval_lib.bits_per_byte(math.log(2) * 100, 100), 1.0)
-    # a uniform guess over 256 byte values costs 8 bits per byte
-    assert math.isclose(eval_lib.bits_per_byte(50 * math.log(256), 50), 8.0)
+    assert math.isclose(eval_lib.bits_per_byte(math.log(2), 100, 100), 1.0)
+    # a uniform guess over 256 byte values costs 8 bits per byte; 4 bytes per token: 2 bits per byte
+    assert math.isclose(eval_lib.bits_per_byte(math.log(256), 50, 50), 8.0)
+    assert math.isclose(eval_lib.bits_per_byte(math.log(256), 50, 200), 2.0)
 
 
 def test_eval_cli_reports_float_and_int8(trained_workdir):
@@ -33,6 +34,7 @@ def test_eval_cli_reports_float_and_int8(trained_workdir):
     assert [r["model"] for r in rows] == ["float", "int8"]
     f32, i8 = rows
     assert f32["tokens"] == i8["tokens"] > 0 and f32["step"] == 60
+    assert f32["bytes"] == f32["tokens"]  # ASCII text, one character per token
     assert math.isclose(f32["perplexity"], math.exp(f32["val_loss"]), rel_tol=1e-9)
     assert math.isclose(f32["bits_per_byte"], f32["val_loss"] * f32["tokens"] / (math.log(2) * f32["bytes"]),
                         rel_tol=1e-9)

@@ -136,7 +136,8 @@ def draws(logits, temperature, top_k, top_p, seed):
                             jnp.int32(top_k), jnp.float32(top_p)))
 
 
-LOGITS = arrays(np.float32, 12, elements=st.floats(-4, 4, width=32))
+# XLA on CPU flushes subnormal floats to zero, so 1e-45 and 0 tie there; real logits are never subnormal.
+LOGITS = arrays(np.float32, 12, elements=st.floats(-4, 4, width=32, allow_subnormal=False))
 
 
 @settings(max_examples=40, deadline=None)
