@@ -56,6 +56,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.grad_accum = 1
     c.train.steps_per_call = 1
     c.train.eval_full = False  # also a full pass over the validation split at the end
+    c.train.max_bad_steps = 10  # stop after more than this many non-finite (skipped) steps in a row
+    c.train.allow_config_change = False  # resume with a changed train.* (steps, lr schedule, eval cadence)
 
     c.data = ml_collections.ConfigDict()
     c.data.dataset = "tinyshakespeare"  # tinyshakespeare|tinystories|wikitext2|wikitext103|openwebtext|text|hf
@@ -106,6 +108,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
     for key in ("steps", "batch_size", "eval_every", "eval_steps", "log_every", "checkpoint_every",
                 "grad_accum", "steps_per_call"):
         _require(t[key] >= 1, f"train.{key} must be a positive integer, got {t[key]}.")
+    _require(t.keep_checkpoints >= 1, f"train.keep_checkpoints must be a positive integer, got {t.keep_checkpoints}.")
+    _require(t.max_bad_steps >= 0, f"train.max_bad_steps must be >= 0, got {t.max_bad_steps}.")
     _require(t.lr > 0, f"train.lr must be positive, got {t.lr}.")
     _require(0 <= t.min_lr <= t.lr, f"train.min_lr must be in [0, train.lr], got {t.min_lr}.")
     _require(t.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {t.warmup_steps}.")

@@ -32,7 +32,10 @@ class MetricsLog:
             return
         records = read_metrics(self.path)
         kept = [r for r in records if r.get("step", 0) <= step]
-        if len(kept) == len(records):
+        with open(self.path, encoding="utf-8") as f:
+            lines = f.read().splitlines(keepends=True)
+        intact = all(line.endswith("\n") for line in lines) and len(records) == sum(bool(l.strip()) for l in lines)
+        if len(kept) == len(records) and intact:  # else rewrite: a line cut short by a kill would swallow the next
             return
         tmp = self.path + ".tmp"
         with open(tmp, "w", encoding="utf-8") as f:

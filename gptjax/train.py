@@ -24,7 +24,8 @@ from gptjax import config as config_lib
 from gptjax import data as data_lib
 from gptjax import model as model_lib
 from gptjax import sharding
-from gptjax.checkpoint import Checkpointer, abstract_like
+from gptjax import faults
+from gptjax.checkpoint import Checkpointer, CheckpointWriteError, abstract_like, check_resume_config
 from gptjax.errors import UserError, exit_with
 from gptjax.metrics import MetricsLog
 
@@ -105,7 +106,9 @@ def make_train_step(graphdef, tx, seed: int, dropout: float, state_sh, batch_sh,
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1}
-        return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+        grad_norm = optax.tree.norm(grads)
+        new_state, finite = faults.skip_nonfinite(state, new_state, loss, grad_norm)
+        return new_state, {"loss": loss, "grad_norm": grad_norm, "finite": finite}
 
     return jax.jit(
         train_step,
@@ -132,6 +135,7 @@ class Run:
         config_lib.validate(cfg)
         self.cfg, self.workdir, self.quiet = cfg, workdir, quiet
         os.makedirs(workdir, exist_ok=True)
+        self.config_changes = self._check_config_against_workdir()  # before anything is written
         self.tokenizer, self.train_ids, self.val_ids = prepare_data(cfg, workdir, log=self.log)
         with cfg.unlocked():
             cfg.model.vocab_size = self.tokenizer.vocab_size
@@ -158,6 +162,8 @@ class Run:
 
         self.ckpt = Checkpointer(workdir, keep=t.keep_checkpoints)
         self.metrics = MetricsLog(workdir, enabled=jax.process_index() == 0)
+        self.nonfinite = faults.NonFiniteGuard(t.max_bad_steps)
+        self.signals = faults.StopSignals()
         self.resumed_from = self._maybe_restore()
 
         self.train_step = make_train_step(
@@ -167,19 +173,30 @@ class Run:
         self.tokens_per_step = t.batch_size * cfg.model.block_size
         self._eval_batches = {}
 
+    def _check_config_against_workdir(self) -> list[str]:
+        """Refuse (UserError, workdir untouched) a resume whose config changed what must not change."""
+        path = os.path.join(self.workdir, "config.json")
+        if not os.path.exists(path):
+            return []
+        with open(path, encoding="utf-8") as f:
+            saved = config_lib.from_json(f.read()).to_dict()
+        return check_resume_config(saved, self.cfg.to_dict(), self.cfg.train.allow_config_change, self.workdir)
+
     def _maybe_restore(self) -> int | None:
-        step = self.ckpt.latest_step()
-        if step is None:
-            return None
-        params, opt_state, meta = self.ckpt.restore(
-            step,
+        """Restore the newest checkpoint that restores cleanly (broken newer ones are reported, moved aside)."""
+        found = self.ckpt.restore_newest(
             abstract_like(self.state["params"], self.params_sh),
             abstract_like(self.state["opt_state"], self.opt_sh),
+            log=lambda msg: print(msg, file=sys.stderr, flush=True) if jax.process_index() == 0 else None,
         )
+        if found is None:
+            self.metrics.truncate_after(-1)  # records of an earlier start that never reached a checkpoint
+            return None
+        step, params, opt_state, meta = found
         self.state = {"params": params, "opt_state": opt_state,
-                      "step": jax.device_put(jnp.asarray(meta["step"], jnp.int32), self.scalar_sh)}
-        self.metrics.truncate_after(meta["step"])
-        return int(meta["step"])
+                      "step": jax.device_put(jnp.asarray(step, jnp.int32), self.scalar_sh)}
+        self.metrics.truncate_after(step)
+        return step
 
     def log(self, msg: str) -> None:
         if not self.quiet and jax.process_index() == 0:
@@ -257,19 +274,69 @@ class Run:
         return {"val_full_loss": loss, "val_full_ppl": math.exp(min(loss, 700.0)),
                 "val_full_bpb": bits_per_byte(loss, n_tokens, n_bytes), "val_full_tokens": n_tokens}
 
-    def save(self, step: int, force: bool = False) -> None:
-        self.ckpt.save(step, self.state["params"], self.state["opt_state"], {"step": step}, force=force)
+    def save(self, step: int, val_loss: float | None = None, force: bool = False) -> None:
+        self.nonfinite.check()  # never checkpoint past a run of bad steps that should have stopped it
+        if self.nonfinite.in_a_row and not force:  # keep the newest checkpoint from before the bad streak
+            self.log(f"step {step:>6} | no checkpoint: the last {self.nonfinite.in_a_row} update(s) were skipped")
+            return
+        try:
+            self.ckpt.save(step, self.state["params"], self.state["opt_state"], {"step": step},
+                           val_loss=val_loss, force=force)
+        except CheckpointWriteError as e:
+            raise faults.TrainingStopped(str(e), faults.EXIT_CHECKPOINT_WRITE) from None
+
+    def finish_saves(self) -> None:
+        """Wait for async checkpoint writes; a failed one stops the run with a clear message."""
+        try:
+            self.ckpt.close()
+        except CheckpointWriteError as e:
+            raise faults.TrainingStopped(str(e), faults.EXIT_CHECKPOINT_WRITE) from None
+
+    def stop_early(self, err: "faults.TrainingStopped") -> "faults.TrainingStopped":
+        """Finish what was saved and name the checkpoint a rerun resumes from."""
+        try:
+            self.finish_saves()
+        except faults.TrainingStopped as write_err:
+            return write_err
+        kept = self.ckpt.latest_step()
+        where = f"the newest checkpoint is at step {kept}" if kept is not None else "no checkpoint was written"
+        return faults.TrainingStopped(f"{err} ({where} in {self.ckpt.directory})", err.code)
+
+    def check_stop(self, done: int, val_loss: float | None) -> None:
+        """After step `done`: on a signal or preemption notice, save here and stop."""
+        reason = self.signals.should_stop(done, self.cfg.train.log_every)
+        if reason is None:
+            return
+        if self.ckpt.latest_step() != done:
+            self.save(done, val_loss, force=True)
+        self.finish_saves()
+        raise faults.TrainingStopped(
+            f"stopped by {reason} after step {done}; checkpoint saved at step {done} in {self.ckpt.directory}. "
+            "Rerun the same command to resume.", faults.EXIT_PREEMPTED)
 
     def train(self, stop_at: int | None = None) -> dict:
-        """Train to train.steps (or stop early after step `stop_at`, saving there)."""
+        """Train to train.steps (or stop early after step `stop_at`, saving there).
+
+        Raises faults.TrainingStopped (with its exit status) on a signal, a
+        preemption notice, too many non-finite steps, or a failed checkpoint write.
+        """
+        with self.signals:
+            try:
+                return self._train_loop(stop_at)
+            except faults.TrainingStopped as e:
+                raise e if e.code == faults.EXIT_PREEMPTED else self.stop_early(e) from None
+
+    def _train_loop(self, stop_at: int | None) -> dict:
         cfg, t = self.cfg, self.cfg.train
         self.describe()
         start = int(jax.device_get(self.state["step"]))
         if self.resumed_from is not None:
             self.log(f"resumed from the checkpoint at step {start} in {self.ckpt.directory}")
+        for change in self.config_changes:
+            self.log(f"config change accepted on resume: {change}")
         if start >= t.steps:
             self.log(f"nothing to do: already at step {start} of train.steps={t.steps}")
-            self.ckpt.close()
+            self.finish_saves()
             return {"step": start}
 
         from tqdm import tqdm
@@ -292,16 +359,25 @@ class Run:
             if done < t.steps:  # prepared while the step runs
                 next_batch = self.batch(self.train_ids, done, data_lib.TRAIN_STREAM)
             pending.append(out)
+            self.nonfinite.record(step, out["finite"])
             window_steps += 1
+            val_loss = None
             bar.update(1)
 
             if done % t.log_every == 0 or done == t.steps:
                 outs = jax.device_get(pending)
                 elapsed = time.perf_counter() - window_start
-                loss = float(np.mean([o["loss"] for o in outs]))
+                skipped = self.nonfinite.check()
+                good = [o["loss"] for o in outs if o["finite"]]  # skipped steps changed nothing
+                loss = float(np.mean(good)) if good else float("nan")
                 rec = {"step": done, "train_loss": loss, "lr": float(self.schedule(done - 1)),
                        "grad_norm": float(outs[-1]["grad_norm"]),
                        "tokens_per_s": window_steps * self.tokens_per_step / elapsed}
+                if self.nonfinite.total:
+                    rec["skipped_steps"] = self.nonfinite.total
+                if skipped:
+                    self.log(f"step {done:>6} | skipped {skipped} update(s) with a NaN/Inf loss or gradient "
+                             f"norm ({self.nonfinite.in_a_row} in a row, {self.nonfinite.total} in all)")
                 self.metrics.write(rec)
                 last = rec
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tokens_per_s']:,.0f}")
@@ -313,6 +389,7 @@ class Run:
             if done % t.eval_every == 0 or done == t.steps:
                 ev = self.evaluate()
                 best_val = min(best_val, ev["val_loss"])
+                val_loss = ev["val_loss"]
                 self.metrics.write({"step": done, **ev})
                 bar.write(f"step {done:>6} | eval: train {ev['train_loss']:.4f}, val {ev['val_loss']:.4f}") \
                     if not bar.disable else self.log(
@@ -321,11 +398,14 @@ class Run:
                 window_start = time.perf_counter()  # eval time is not training throughput
 
             if done % t.checkpoint_every == 0 or done == t.steps or done == stop_at:
-                self.save(done)
+                self.save(done, val_loss)
             if done == stop_at:
                 break
+            if done < t.steps:
+                self.check_stop(done, val_loss)
         bar.close()
-        self.ckpt.close()
+        self.nonfinite.check()
+        self.finish_saves()
         wall = time.perf_counter() - t0
         self.log(f"done: {done - start} steps in {wall:.1f}s; best val loss {best_val:.4f}; "
                  f"checkpoints in {self.ckpt.directory}; metrics in {self.metrics.path}")
@@ -349,6 +429,9 @@ def main(argv):
         Run(cfg, workdir).train()
     except UserError as e:
         exit_with(e)
+    except faults.TrainingStopped as e:
+        print(e if e.code == faults.EXIT_PREEMPTED else f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(e.code)
 
 
 def run_main():

@@ -51,9 +51,10 @@ def test_train_then_sample_from_the_workdir(text_file, tmp_path):
 def test_running_the_same_command_again_resumes(text_file, tmp_path):
     workdir = tmp_path / "run"
     assert train_cli(text_file, workdir, "--config.train.steps=10").returncode == 0
-    proc = train_cli(text_file, workdir)
+    proc = train_cli(text_file, workdir, "--config.train.allow_config_change=True")  # train.steps 10 -> 20
     assert proc.returncode == 0, proc.stderr
     assert "resumed from the checkpoint at step 10" in proc.stdout
+    assert "config change accepted on resume: train.steps: 10 -> 20" in proc.stdout
     steps = [json.loads(l)["step"] for l in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(steps) and steps[-1] == 20
 

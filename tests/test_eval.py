@@ -43,5 +43,5 @@ def test_eval_cli_reports_float_and_int8(trained_workdir):
 
 
 def test_eval_of_a_missing_step_lists_the_saved_ones(trained_workdir):
-    with pytest.raises(UserError, match=r"no checkpoint at step 3 .*\[40, 50, 60\]"):
+    with pytest.raises(UserError, match=r"no checkpoint at step 3 .*\[.*50, 60\]"):
         eval_lib.run_eval(trained_workdir, step=3)
