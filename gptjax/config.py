@@ -1,7 +1,7 @@
 """Defaults, model-size presets and validation for the run configuration.
 
-A run is described by one `ml_collections.ConfigDict` with four sections
-(`model`, `train`, `data`, `mesh`) and a `workdir`. Config files under
+A run is described by one `ml_collections.ConfigDict` with five sections
+(`model`, `train`, `data`, `log`, `mesh`) and a `workdir`. Config files under
 `configs/` start from `base_config()` and change what they need; the command
 line overrides single keys (`--config.model.n_layer=6`).
 """
@@ -55,6 +55,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.seed = 1337
     c.train.grad_accum = 1
     c.train.steps_per_call = 1
+    c.train.diagnostics_every = 0  # per-layer grad/update/activation/attention stats every N steps; 0: off
+    c.train.sample_every = 0  # print and save a short sample every N steps; 0: off
+    c.train.sample_prompt = "\n"  # fixed prompt of those samples
+    c.train.sample_tokens = 200  # new tokens per sample
     c.train.eval_full = False  # also a full pass over the validation split at the end
     c.train.max_bad_steps = 10  # stop after more than this many non-finite (skipped) steps in a row
     c.train.allow_config_change = False  # resume with a changed train.* (steps, lr schedule, eval cadence)
@@ -74,6 +78,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.sp_max_chars = 5_000_000  # sentencepiece: cap on training characters (keeps training to seconds)
     c.data.num_proc = 0  # tokenization threads; 0: one per core, at most 8
     c.data.val_fraction = 0.1  # where a source has no validation split
+
+    c.log = ml_collections.ConfigDict()
+    c.log.tensorboard = True  # scalar event files in WORKDIR/tensorboard
+    c.log.wandb = False  # also log to Weights & Biases, when the wandb package is installed
+    c.log.wandb_project = "gptjax"
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1: all devices not used by the other axes
@@ -110,6 +119,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
         _require(t[key] >= 1, f"train.{key} must be a positive integer, got {t[key]}.")
     _require(t.keep_checkpoints >= 1, f"train.keep_checkpoints must be a positive integer, got {t.keep_checkpoints}.")
     _require(t.max_bad_steps >= 0, f"train.max_bad_steps must be >= 0, got {t.max_bad_steps}.")
+    for key in ("diagnostics_every", "sample_every"):
+        _require(t[key] >= 0, f"train.{key} must be >= 0 (0 turns it off), got {t[key]}.")
+    _require(t.sample_tokens >= 1, f"train.sample_tokens must be a positive integer, got {t.sample_tokens}.")
     _require(t.lr > 0, f"train.lr must be positive, got {t.lr}.")
     _require(0 <= t.min_lr <= t.lr, f"train.min_lr must be in [0, train.lr], got {t.min_lr}.")
     _require(t.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {t.warmup_steps}.")
@@ -173,7 +185,7 @@ def parse_flags_or_exit(argv: list[str], flag_values) -> list[str]:
         bad = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
         print(
             f"error: unknown config key in an override ({', '.join(bad) or 'see the command line'}): {msg}. "
-            "Config keys live in the sections model, train, data and mesh; see README 'Configuration'.",
+            "Config keys live in the sections model, train, data, log and mesh; see README 'Configuration'.",
             file=sys.stderr,
         )
     except (ValueError, TypeError, OSError, SyntaxError) as e:

@@ -140,10 +140,14 @@ class Block(nnx.Module):
         self.ln_2 = _layer_norm(cfg, rngs)
         self.mlp = MLP(cfg, rngs=rngs)
 
-    def __call__(self, x, *, cache=None, pos=None, dropout_key=None):
-        a, cache = self.attn(self.ln_1(x), cache=cache, pos=pos, dropout_key=_subkey(dropout_key, 0))
+    def __call__(self, x, *, cache=None, pos=None, dropout_key=None, taps=None):
+        attn_in = self.ln_1(x)
+        a, cache = self.attn(attn_in, cache=cache, pos=pos, dropout_key=_subkey(dropout_key, 0))
         x = x + a
-        x = x + self.mlp(self.ln_2(x), dropout_key=_subkey(dropout_key, 1))
+        mlp_in = self.ln_2(x)
+        x = x + self.mlp(mlp_in, dropout_key=_subkey(dropout_key, 1))
+        if taps is not None:  # diagnostics only; nothing is traced when taps is None
+            taps.append({"attn_in": attn_in, "mlp_in": mlp_in, "out": x})
         return x, cache
 
 
@@ -170,7 +174,8 @@ class GPT(nnx.Module):
                 kernel_init=_normal(0.02), kernel_metadata={"logical_axes": ("embed", "vocab")},
             )
 
-    def __call__(self, tokens_BxT, *, cache=None, pos=0, dropout_key=None, logits_at=None):
+    def __call__(self, tokens_BxT, *, cache=None, pos=0, dropout_key=None, taps=None, logits_at=None):
+        """`taps`: a list that gets, per block, its attention and MLP inputs and its output."""
         B, T = tokens_BxT.shape
         positions = pos + jnp.arange(T)
         x = self.wte(tokens_BxT) + self.wpe(positions)[None]
@@ -178,7 +183,7 @@ class GPT(nnx.Module):
         new_cache = [] if cache is not None else None
         for i, block in enumerate(self.blocks):
             layer_cache = None if cache is None else cache[i]
-            x, layer_cache = block(x, cache=layer_cache, pos=pos, dropout_key=_subkey(dropout_key, i))
+            x, layer_cache = block(x, cache=layer_cache, pos=pos, dropout_key=_subkey(dropout_key, i), taps=taps)
             if cache is not None:
                 new_cache.append(layer_cache)
         x = self.ln_f(x)

@@ -192,6 +192,21 @@ def generate(graphdef, params, tokens_BxN, prompt_len, key, settings, *, use_cac
     return state["tokens"], state["length"]
 
 
+def generate_ids(graphdef, params, prompt_ids, seed: int, max_new_tokens: int, temperature: float = 0.8,
+                 top_k: int = 0, top_p: float = 1.0, use_cache: bool = True) -> np.ndarray:
+    """Prompt ids (at most block_size of them) + max_new_tokens sampled ids, for one sample."""
+    block = nnx.merge(graphdef, params).cfg.block_size
+    prompt_ids = np.asarray(prompt_ids, np.int32)[-block:]
+    P = len(prompt_ids)
+    tokens = np.zeros((1, block + max_new_tokens), np.int32)
+    tokens[0, :P] = prompt_ids
+    settings = {"temperature": jnp.float32(temperature), "top_k": jnp.int32(top_k), "top_p": jnp.float32(top_p),
+                "eot": jnp.int32(-1), "stop_ids": jnp.zeros((0,), jnp.int32), "prompt_len": jnp.int32(P),
+                "max_len": jnp.int32(P + max_new_tokens)}
+    out, _ = generate(graphdef, params, jnp.asarray(tokens), P, jax.random.key(seed), settings, use_cache=use_cache)
+    return np.asarray(jax.device_get(out))[0, : P + max_new_tokens]
+
+
 # ----------------------------------------------------------------------------- checking inputs
 
 def check_sampling(temperature: float, top_k: int, top_p: float, max_new_tokens: int, num_samples: int = 1,

@@ -22,6 +22,8 @@ from ml_collections import config_flags
 
 from gptjax import config as config_lib
 from gptjax import data as data_lib
+from gptjax import diagnostics as diag_lib
+from gptjax import metrics as metrics_lib
 from gptjax import model as model_lib
 from gptjax import sharding
 from gptjax import faults
@@ -30,7 +32,9 @@ from gptjax.errors import UserError, exit_with
 from gptjax.metrics import MetricsLog
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Run config file (optionally FILE:SIZE).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run folder; default: the config's workdir.")
+# allow_override: gptjax.sample, loaded for samples during training, defines its own --workdir.
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run folder; default: the config's workdir.", allow_override=True)
+_QUIET = flags.DEFINE_bool("quiet", False, "Print nothing but errors.")
 
 
 # ----------------------------------------------------------------------------- data
@@ -118,6 +122,21 @@ def make_train_step(graphdef, tx, seed: int, dropout: float, state_sh, batch_sh,
     )
 
 
+def encode_sample_prompt(tokenizer, prompt: str, block_size: int) -> np.ndarray:
+    from gptjax import sample as sample_lib  # imported on use: it defines the sample command's flags
+
+    return sample_lib.encode_prompt(tokenizer, prompt, block_size)
+
+
+def generate_tokens(graphdef, params, prompt_ids: np.ndarray, seed: int, max_new_tokens: int,
+                    vocab_size: int) -> np.ndarray:
+    """Prompt + `max_new_tokens` sampled ids (temperature 0.8, top-k 200) by gptjax.sample's generator."""
+    from gptjax import sample as sample_lib
+
+    return sample_lib.generate_ids(graphdef, params, prompt_ids, seed, max_new_tokens,
+                                   temperature=0.8, top_k=min(200, vocab_size))
+
+
 def make_eval_step(graphdef, params_sh, batch_sh, scalar_sh):
     return jax.jit(
         lambda params, x, y: loss_fn(graphdef, params, x, y),
@@ -134,11 +153,14 @@ class Run:
     def __init__(self, cfg, workdir: str, quiet: bool = False):
         config_lib.validate(cfg)
         self.cfg, self.workdir, self.quiet = cfg, workdir, quiet
+        self.console = metrics_lib.Console(quiet=quiet, enabled=jax.process_index() == 0)
         os.makedirs(workdir, exist_ok=True)
         self.config_changes = self._check_config_against_workdir()  # before anything is written
         self.tokenizer, self.train_ids, self.val_ids = prepare_data(cfg, workdir, log=self.log)
         with cfg.unlocked():
             cfg.model.vocab_size = self.tokenizer.vocab_size
+        self.sample_prompt = encode_sample_prompt(self.tokenizer, cfg.train.sample_prompt, cfg.model.block_size) \
+            if cfg.train.sample_every else None  # a prompt the tokenizer cannot encode fails here, before training
         with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
             f.write(config_lib.to_json(cfg))
 
@@ -161,7 +183,8 @@ class Run:
         self.state_sh = {"params": self.params_sh, "opt_state": self.opt_sh, "step": self.scalar_sh}
 
         self.ckpt = Checkpointer(workdir, keep=t.keep_checkpoints)
-        self.metrics = MetricsLog(workdir, enabled=jax.process_index() == 0)
+        self.metrics = MetricsLog(workdir, enabled=jax.process_index() == 0, sinks=metrics_lib.make_sinks(
+            cfg.log, workdir, cfg.to_dict(), say=self.log) if jax.process_index() == 0 else ())
         self.nonfinite = faults.NonFiniteGuard(t.max_bad_steps)
         self.signals = faults.StopSignals()
         self.resumed_from = self._maybe_restore()
@@ -172,6 +195,8 @@ class Run:
         self.eval_step = make_eval_step(self.graphdef, self.params_sh, self.batch_sh, self.scalar_sh)
         self.tokens_per_step = t.batch_size * cfg.model.block_size
         self._eval_batches = {}
+        # Compiled only when asked for: diagnostics off costs nothing per step.
+        self.diagnostics = diag_lib.make_diagnostics_step(self.graphdef, self.tx) if t.diagnostics_every else None
 
     def _check_config_against_workdir(self) -> list[str]:
         """Refuse (UserError, workdir untouched) a resume whose config changed what must not change."""
@@ -199,22 +224,83 @@ class Run:
         return step
 
     def log(self, msg: str) -> None:
-        if not self.quiet and jax.process_index() == 0:
-            print(msg, flush=True)
+        self.console.say(msg)
 
     def describe(self) -> None:
-        params = self.state["params"]
-        counts = model_lib.param_counts(params)
-        total = sum(counts.values())
-        m = self.cfg.model
-        self.log(f"devices: {sharding.describe_devices()}; mesh {dict(self.mesh.shape)}")
-        self.log(f"data: {self.cfg.data.path or self.cfg.data.dataset}; train {len(self.train_ids):,} tokens, "
-                 f"val {len(self.val_ids):,} tokens; tokenizer {self.tokenizer.kind}, vocab {self.tokenizer.vocab_size}")
-        self.log(f"model: {m.n_layer} layers, {m.n_head} heads, {m.n_embd} wide, block {m.block_size}")
-        width = max(len(k) for k in counts)
-        for name, n in counts.items():
-            self.log(f"  {name:<{width}}  {n:>12,}")
-        self.log(f"  {'total':<{width}}  {total:>12,}  ({model_lib.count_params(params, True):,} without embeddings)")
+        """The start-up block: devices, mesh, data, tokenizer, model table, plan."""
+        m, t = self.cfg.model, self.cfg.train
+        devices = jax.devices()
+        listed = ", ".join(str(d) for d in devices[:4]) + (f", ... ({len(devices)} in all)" if len(devices) > 4 else "")
+        self.log(f"devices: {sharding.describe_devices()}: {listed}")
+        self.log(f"mesh: {dict(self.mesh.shape)}")
+        self.log(f"data: {self.cfg.data.path or self.cfg.data.dataset}: train {len(self.train_ids):,} tokens, "
+                 f"val {len(self.val_ids):,} tokens")
+        self.log(f"tokenizer: {self.tokenizer.kind}, vocab {self.tokenizer.vocab_size:,}")
+        self.log(f"model: {m.n_layer} layers, {m.n_head} heads, {m.n_embd} wide, context {m.block_size}, "
+                 f"{m.activation}, {m.dtype} compute")
+        for line in metrics_lib.model_summary(model_lib.param_counts(self.state["params"])):
+            self.log(line)
+        self.log(f"train: {t.steps:,} steps x {t.batch_size} sequences x {m.block_size} tokens = "
+                 f"{self.tokens_per_step:,} tokens/step, {t.steps * self.tokens_per_step:,} in all "
+                 f"({t.steps * self.tokens_per_step / max(len(self.train_ids), 1):.1f} epochs)")
+        self.log(f"workdir: {os.path.abspath(self.workdir)}")
+
+    # ------------------------------------------------------------------------- watching the run
+
+    def diagnostics_due(self, step: int) -> bool:
+        every = self.cfg.train.diagnostics_every
+        return bool(every) and step % every == 0
+
+    def diagnose(self, step: int, x, y) -> dict:
+        """Per-layer diagnostics on the batch of `step`, before the step changes the state."""
+        rec = {"step": step, **{k: float(v) for k, v in jax.device_get(self.diagnostics(self.state, x, y)).items()}}
+        self.metrics.write(rec)
+        return rec
+
+    def generate_sample(self, seed: int) -> str:
+        """A short sample from the fixed prompt with the current weights."""
+        out = generate_tokens(self.graphdef, self.state["params"], self.sample_prompt, seed,
+                              self.cfg.train.sample_tokens, self.tokenizer.vocab_size)
+        return self.tokenizer.decode(out)
+
+    def write_sample(self, step: int) -> str:
+        text = self.generate_sample(self.cfg.train.seed + step)
+        self.log(f"step {step:>6} | sample:\n{text}")
+        if jax.process_index() == 0:
+            with open(os.path.join(self.workdir, metrics_lib.SAMPLES_FILE), "a", encoding="utf-8") as f:
+                f.write(f"--- step {step} ---\n{text}\n\n")
+        return text
+
+    def plot(self) -> None:
+        """Redraw loss.png, unless metrics.jsonl has not changed since the last drawing."""
+        if not self.metrics.enabled or not os.path.exists(self.metrics.path):
+            return
+        stat = os.stat(self.metrics.path)
+        if (stat.st_size, stat.st_mtime_ns) != getattr(self, "_plotted", None):
+            metrics_lib.save_loss_png(self.workdir, self.tokens_per_step)
+            self._plotted = (stat.st_size, stat.st_mtime_ns)
+
+    def after_eval(self, step: int, ev: dict) -> None:
+        """The eval line and a fresh loss.png."""
+        best = metrics_lib.best_val(metrics_lib.history(metrics_lib.read_metrics(self.metrics.path))) \
+            if self.metrics.enabled else None
+        mark = " (best)" if best is not None and best[0] == step else ""
+        extra = f" = {ev['val_bpb']:.4f} bits/byte" if "val_bpb" in ev else ""
+        self.log(f"step {step:>6} | eval: train {ev['train_loss']:.4f}, val {ev['val_loss']:.4f}{extra}{mark}")
+        self.plot()
+
+    def finish(self, start: int, done: int, wall: float) -> None:
+        best = metrics_lib.best_val(metrics_lib.history(metrics_lib.read_metrics(self.metrics.path))) \
+            if self.metrics.enabled and os.path.exists(self.metrics.path) else None
+        self.log(f"done: {done - start} steps in {metrics_lib.format_duration(wall)} ({wall:.1f}s)"
+                 + (f"; best val loss {best[1]:.4f} at step {best[0]}" if best else ""))
+        self.log(f"  checkpoints  {self.ckpt.directory}")
+        self.log(f"  metrics      {os.path.abspath(self.metrics.path)}")
+        self.log(f"  loss curve   {os.path.abspath(os.path.join(self.workdir, metrics_lib.LOSS_PNG))}")
+        if self.cfg.log.tensorboard:
+            self.log(f"  tensorboard  tensorboard --logdir {os.path.abspath(os.path.join(self.workdir, 'tensorboard'))}")
+        if self.cfg.train.sample_every:
+            self.log(f"  samples      {os.path.abspath(os.path.join(self.workdir, metrics_lib.SAMPLES_FILE))}")
 
     def batch(self, ids, step: int, stream: int):
         x, y = data_lib.get_batch(ids, self.cfg.model.block_size, self.cfg.train.batch_size,
@@ -337,16 +423,14 @@ class Run:
         if start >= t.steps:
             self.log(f"nothing to do: already at step {start} of train.steps={t.steps}")
             self.finish_saves()
+            self.metrics.close()
             return {"step": start}
 
-        from tqdm import tqdm
-
-        bar = tqdm(total=t.steps, initial=start, disable=self.quiet or not sys.stderr.isatty(),
-                   unit="step", dynamic_ncols=True)
+        self.console.start(start, t.steps, t.log_every)
         if start == 0:
             ev = self.evaluate()
             self.metrics.write({"step": 0, **ev})
-            self.log(f"step {0:>6} | eval: train {ev['train_loss']:.4f}, val {ev['val_loss']:.4f}")
+            self.after_eval(0, ev)
         best_val = float("inf")
         pending, window_start, window_steps = [], time.perf_counter(), 0
         t0 = time.perf_counter()
@@ -354,6 +438,8 @@ class Run:
         last = {}
         for step in range(start, t.steps):
             x, y = next_batch
+            if self.diagnostics_due(step + 1):
+                self.diagnose(step + 1, x, y)
             self.state, out = self.train_step(self.state, x, y)
             done = step + 1
             if done < t.steps:  # prepared while the step runs
@@ -362,7 +448,7 @@ class Run:
             self.nonfinite.record(step, out["finite"])
             window_steps += 1
             val_loss = None
-            bar.update(1)
+            self.console.advance()
 
             if done % t.log_every == 0 or done == t.steps:
                 outs = jax.device_get(pending)
@@ -380,10 +466,7 @@ class Run:
                              f"norm ({self.nonfinite.in_a_row} in a row, {self.nonfinite.total} in all)")
                 self.metrics.write(rec)
                 last = rec
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tokens_per_s']:,.0f}")
-                if bar.disable and (done % max(t.log_every, t.steps // 20) == 0):
-                    self.log(f"step {done:>6} | loss {loss:.4f} | lr {rec['lr']:.2e} | "
-                             f"{rec['tokens_per_s']:,.0f} tok/s")
+                self.console.progress(done, rec)
                 pending, window_start, window_steps = [], time.perf_counter(), 0
 
             if done % t.eval_every == 0 or done == t.steps:
@@ -391,11 +474,13 @@ class Run:
                 best_val = min(best_val, ev["val_loss"])
                 val_loss = ev["val_loss"]
                 self.metrics.write({"step": done, **ev})
-                bar.write(f"step {done:>6} | eval: train {ev['train_loss']:.4f}, val {ev['val_loss']:.4f}") \
-                    if not bar.disable else self.log(
-                        f"step {done:>6} | eval: train {ev['train_loss']:.4f}, val {ev['val_loss']:.4f}")
+                self.after_eval(done, ev)
                 last.update(ev)
                 window_start = time.perf_counter()  # eval time is not training throughput
+
+            if t.sample_every and done % t.sample_every == 0:
+                self.write_sample(done)
+                window_start = time.perf_counter()
 
             if done % t.checkpoint_every == 0 or done == t.steps or done == stop_at:
                 self.save(done, val_loss)
@@ -403,12 +488,13 @@ class Run:
                 break
             if done < t.steps:
                 self.check_stop(done, val_loss)
-        bar.close()
+        self.console.close()
         self.nonfinite.check()
         self.finish_saves()
+        self.plot()
+        self.metrics.close()
         wall = time.perf_counter() - t0
-        self.log(f"done: {done - start} steps in {wall:.1f}s; best val loss {best_val:.4f}; "
-                 f"checkpoints in {self.ckpt.directory}; metrics in {self.metrics.path}")
+        self.finish(start, done, wall)
         return {"step": done, "wall_s": wall, "best_val_loss": best_val, **last}
 
 
@@ -426,7 +512,7 @@ def main(argv):
     cfg = _CONFIG.value
     try:
         workdir = resolve_workdir(cfg, _WORKDIR.value)
-        Run(cfg, workdir).train()
+        Run(cfg, workdir, quiet=_QUIET.value).train()
     except UserError as e:
         exit_with(e)
     except faults.TrainingStopped as e:
