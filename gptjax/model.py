@@ -10,6 +10,7 @@ Calling the model:
   logits, cache = model(tokens_BxS, cache=cache, pos=p)       # cached decoding
 `cache` holds the keys and values of every layer (see `init_cache`); the call
 writes positions p..p+S-1 and attends to everything before them.
+`logits_at=i` (may be traced) returns only position i's logits, [B, 1, V].
 Dropout takes an explicit `dropout_key`, so the train step is a pure function
 of (state, batch, step).
 """
@@ -195,7 +196,7 @@ class GPT(nnx.Module):
                 kernel_init=_normal(0.02), kernel_metadata={"logical_axes": ("embed", "vocab")},
             )
 
-    def __call__(self, tokens_BxT, *, cache=None, pos=0, dropout_key=None, taps=None):
+    def __call__(self, tokens_BxT, *, cache=None, pos=0, dropout_key=None, taps=None, logits_at=None):
         """`taps`: a list that gets, per block, its attention and MLP inputs and its output."""
         B, T = tokens_BxT.shape
         positions = pos + jnp.arange(T)
@@ -212,6 +213,8 @@ class GPT(nnx.Module):
             if cache is not None:
                 new_cache.append(layer_cache)
         x = self.ln_f(x)
+        if logits_at is not None:  # decoding needs one position's logits: skip the vocab projection elsewhere
+            x = jax.lax.dynamic_slice_in_dim(x, logits_at, 1, axis=1)
         logits = self.wte.attend(x) if self.cfg.tie_embeddings else self.lm_head(x)
         logits = logits.astype(jnp.float32)
         return logits if cache is None else (logits, new_cache)

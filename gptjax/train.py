@@ -184,9 +184,8 @@ def generate_tokens(graphdef, params, prompt_ids: np.ndarray, seed: int, max_new
     """Prompt + `max_new_tokens` sampled ids (temperature 0.8, top-k 200) by gptjax.sample's generator."""
     from gptjax import sample as sample_lib
 
-    out = sample_lib.generate(graphdef, params, jnp.asarray(prompt_ids[None]), jax.random.key(seed),
-                              max_new_tokens=max_new_tokens, temperature=0.8, top_k=min(200, vocab_size))
-    return np.asarray(jax.device_get(out))[0]
+    return sample_lib.generate_ids(graphdef, params, prompt_ids, seed, max_new_tokens,
+                                   temperature=0.8, top_k=min(200, vocab_size))
 
 
 def make_eval_step(graphdef, params_sh, batch_sh, scalar_sh):

@@ -51,3 +51,17 @@ def run_cli(*args, env=None, timeout=300):
 def shared_data_dir():
     d = os.environ.get("GPTJAX_DATA_DIR")
     return d if d and os.path.isdir(d) else None
+
+
+@pytest.fixture(scope="session")
+def trained_workdir(tmp_path_factory):
+    """A small character model trained for 60 steps (newest checkpoints at 40, 50, 60), shared by sample/eval tests."""
+    from gptjax.train import Run
+
+    root = tmp_path_factory.mktemp("trained")
+    text = root / "corpus.txt"
+    text.write_text(SAMPLE_TEXT, encoding="utf-8")
+    cfg = small_config(str(text), root / "run")
+    cfg.train.steps = 60
+    Run(cfg, cfg.workdir, quiet=True).train()
+    return cfg.workdir
