@@ -1,7 +1,7 @@
 """nanoGPT's CPU "baby GPT": char-level Tiny Shakespeare, 0.8M parameters.
 
 4 layers, 4 heads, 128 wide, block 64, batch 12, 2000 steps, lr 1e-3 decaying
-to 1e-4 after 100 warm-up steps, beta2 0.99, no dropout; eval every 250 steps
+to 1e-4 after 100 warm-up steps, beta2 0.99, no dropout, no gradient clipping; eval every 250 steps
 over 20 batches, ten steps per compiled call. Trains in about a minute on a
 laptop CPU.
 """
@@ -20,5 +20,10 @@ def get_config(size=None):
     # Ten steps per compiled call: at this size the host's per-call dispatch
     # costs as much as the arithmetic. Same losses as one step per call.
     c.train.steps_per_call = 10
+    # No gradient clipping. nanoGPT clips at 1.0, but this model's gradient
+    # norm sits near 2 for the whole run, so clipping only shrinks every step:
+    # over seeds 0, 2, 4 and 1337 the validation loss at step 2000 was lower
+    # without it by 0.012-0.015 (1.887-1.922 against 1.901-1.936).
+    c.train.grad_clip = 0.0
     c.data.dataset, c.data.tokenizer = "tinyshakespeare", "char"
     return c

@@ -221,7 +221,8 @@ def test_checkpoint_from_8_devices_restores_on_1_and_on_4(text_path, tmp_path):
     logits8 = np.asarray(logits_of(run8, run8.state["params"], sharding.to_global(np.asarray(x), run8.mesh)))
 
     # Sampling restores onto one device.
-    _, _, graphdef, params1, step = load_run(str(workdir))
+    loaded = load_run(str(workdir))
+    graphdef, params1, step = loaded.graphdef, loaded.params, loaded.step
     assert step == 3 and len(leaf(params1, FC).devices()) == 1
     jax.tree.map(np.testing.assert_array_equal, params8, jax.device_get(params1))
     logits1 = np.asarray(jax.jit(lambda p, x: nnx.merge(graphdef, p)(x))(params1, x))
