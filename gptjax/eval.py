@@ -120,7 +120,7 @@ def define_flags() -> None:
 
 def main(argv):
     FLAGS = flags.FLAGS
-    logging.set_verbosity(logging.WARNING)
+    logging.set_verbosity(logging.ERROR)
     try:
         if len(argv) > 1:
             raise UserError(f"unexpected arguments {argv[1:]}; flags go as --name=value.")

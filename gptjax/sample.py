@@ -477,7 +477,7 @@ def read_prompt(FLAGS) -> str:
 
 def main(argv):
     FLAGS = flags.FLAGS
-    logging.set_verbosity(logging.WARNING)
+    logging.set_verbosity(logging.ERROR)  # orbax warns that a checkpoint it only reads is read-only
     warnings.simplefilter("always")
     warnings.showwarning = lambda msg, *a, **k: print(f"warning: {msg}", file=sys.stderr, flush=True)
     try:
