@@ -6,19 +6,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from gptjax import config as config_lib
 from gptjax import model as model_lib
 from gptjax import quantize as q
 from gptjax import sample as sample_lib
 from gptjax.errors import UserError
 
 
-def model_cfg(**kw):
-    c = config_lib.base_config().model
-    c.n_layer, c.n_head, c.n_embd, c.block_size, c.vocab_size = 2, 2, 32, 16, 50
-    for k, v in kw.items():
-        c[k] = v
-    return c
+from test_model import tiny_model_cfg as model_cfg
 
 
 def test_int8_round_trip_error_is_at_most_half_a_step_per_channel():
