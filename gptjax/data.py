@@ -625,6 +625,18 @@ def window_offsets(n_tokens: int, block_size: int, batch_size: int, seed: int, s
     return rng.integers(0, n_tokens - block_size, size=batch_size)
 
 
+def eval_windows(ids: np.ndarray, block_size: int, max_windows: int = 0):
+    """Inputs and targets [n, block_size] cut from consecutive, non-overlapping windows:
+    one pass over a split, for exact evaluation."""
+    n = (len(ids) - 1) // block_size
+    if max_windows:
+        n = min(n, max_windows)
+    if n < 1:
+        raise UserError(f"the validation split has {len(ids)} tokens, fewer than block_size+1 = {block_size + 1}.")
+    span = np.asarray(ids[: n * block_size + 1]).astype(np.int32)
+    return span[:-1].reshape(n, block_size), span[1:].reshape(n, block_size)
+
+
 def get_batch(ids: np.ndarray, block_size: int, batch_size: int, seed: int, step: int, stream: int = TRAIN_STREAM,
               rows=None):
     """Inputs and next-token targets, both int32 [batch_size, block_size].

@@ -20,18 +20,11 @@ from absl import app, flags, logging
 from flax import nnx
 
 from gptjax import data as data_lib
+from gptjax.data import eval_windows
 from gptjax import quantize as quantize_lib
 from gptjax.errors import UserError, exit_with
+from gptjax.metrics import bits_per_byte
 from gptjax.sample import load_run
-
-
-def bits_per_byte(mean_loss: float, n_tokens: int, n_bytes: int) -> float:
-    """Nats per token -> bits per UTF-8 byte of the text those tokens spell.
-
-    The same quantity as training's evaluation reports (kept here so that this
-    entry point does not import the trainer and its flags).
-    """
-    return mean_loss * n_tokens / (math.log(2) * max(1, n_bytes))
 
 
 def validation_ids(run, log) -> np.ndarray:
@@ -46,17 +39,6 @@ def validation_ids(run, log) -> np.ndarray:
         raise UserError(f"the data of {run.workdir}'s config now tokenizes differently from its saved tokenizer; "
                         "evaluate the training workdir instead.")
     return np.asarray(prepared.val_ids)
-
-
-def eval_windows(ids: np.ndarray, block_size: int, max_windows: int = 0):
-    """Inputs and targets [n, block_size] cut from consecutive, non-overlapping windows."""
-    n = (len(ids) - 1) // block_size
-    if max_windows:
-        n = min(n, max_windows)
-    if n < 1:
-        raise UserError(f"the validation split has {len(ids)} tokens, fewer than block_size+1 = {block_size + 1}.")
-    span = ids[: n * block_size + 1].astype(np.int32)
-    return span[:-1].reshape(n, block_size), span[1:].reshape(n, block_size)
 
 
 def make_loss_sum(graphdef):

@@ -162,6 +162,15 @@ def make_sinks(log_cfg, workdir: str, config: dict, say=print) -> list:
     return sinks
 
 
+def bits_per_byte(mean_loss: float, n_tokens: int, n_bytes: int) -> float:
+    """Nats per token -> bits per UTF-8 byte of the text those tokens spell.
+
+    Comparable across tokenizers: a char model and a BPE model of the same
+    text are charged for the same bytes.
+    """
+    return mean_loss * n_tokens / (math.log(2) * max(1, n_bytes))
+
+
 def read_metrics(path: str) -> list[dict]:
     records = []
     with open(path, encoding="utf-8") as f:

@@ -30,7 +30,7 @@ from gptjax import sharding
 from gptjax import faults
 from gptjax.checkpoint import Checkpointer, CheckpointWriteError, abstract_like, check_resume_config
 from gptjax.errors import UserError, exit_with
-from gptjax.metrics import MetricsLog, flops_per_token, peak_flops
+from gptjax.metrics import MetricsLog, bits_per_byte, flops_per_token, peak_flops
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Run config file (optionally FILE:SIZE).")
 # allow_override: gptjax.sample defines --workdir too, and a notebook imports both modules.
@@ -58,15 +58,6 @@ def prepare_data(cfg, workdir: str, log=print):
     data_lib.check_length(p.train_ids, cfg.model.block_size, "training")
     data_lib.check_length(p.val_ids, cfg.model.block_size, "validation")
     return p.tokenizer, p.train_ids, p.val_ids
-
-
-def bits_per_byte(mean_loss: float, n_tokens: int, n_bytes: int) -> float:
-    """Nats per token -> bits per UTF-8 byte of the text those tokens spell.
-
-    Comparable across tokenizers: a char model and a BPE model of the same
-    text are charged for the same bytes.
-    """
-    return mean_loss * n_tokens / (math.log(2) * max(1, n_bytes))
 
 
 def make_eval_sum_step(graphdef, params_sh, batch_sh, scalar_sh):
@@ -433,20 +424,19 @@ class Run:
         """One pass over the validation split in consecutive block_size windows."""
         if not hasattr(self, "eval_sum_step"):
             self.eval_sum_step = make_eval_sum_step(self.graphdef, self.params_sh, self.batch_sh, self.scalar_sh)
-        T, B = self.cfg.model.block_size, self.cfg.train.batch_size
-        n_windows = (len(self.val_ids) - 1) // T
-        total, n_bytes = 0.0, 0
+        B = self.cfg.train.batch_size
+        x_all, y_all = data_lib.eval_windows(np.asarray(self.val_ids), self.cfg.model.block_size)
+        n_windows = len(x_all)
+        n_bytes = int(self._token_bytes[y_all].sum())
+        g = lambda a: sharding.to_global(a, self.mesh)
+        total = 0.0
         for start in range(0, n_windows, B):
             rows = np.arange(start, min(start + B, n_windows))
             w = np.zeros((B,), np.float32)
-            w[: len(rows)] = 1.0
+            w[: len(rows)] = 1.0  # the last batch is padded with copies of its first row, weighted 0
             rows = np.concatenate([rows, np.full(B - len(rows), rows[0])])
-            windows = np.asarray(self.val_ids[rows[:, None] * T + np.arange(T + 1)]).astype(np.int32)
-            x, y = windows[:, :-1], windows[:, 1:]
-            n_bytes += int(self._token_bytes[y[: int(w.sum())]].sum())
-            g = lambda a: sharding.to_global(a, self.mesh)
-            total += float(self.eval_sum_step(self.state["params"], g(x), g(y), g(w)))
-        n_tokens = n_windows * T
+            total += float(self.eval_sum_step(self.state["params"], g(x_all[rows]), g(y_all[rows]), g(w)))
+        n_tokens = y_all.size
         loss = total / max(1, n_tokens)
         self.log(f"full validation pass: {n_tokens:,} tokens, loss {loss:.4f}, "
                  f"bits per byte {bits_per_byte(loss, n_tokens, n_bytes):.4f}")
@@ -506,7 +496,7 @@ class Run:
                 raise e if e.code == faults.EXIT_PREEMPTED else self.stop_early(e) from None
 
     def _train_loop(self, stop_at: int | None) -> dict:
-        cfg, t = self.cfg, self.cfg.train
+        t = self.cfg.train
         self.describe()
         start = int(jax.device_get(self.state["step"]))
         if self.resumed_from is not None:

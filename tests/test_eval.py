@@ -7,24 +7,26 @@ import numpy as np
 import pytest
 
 from conftest import run_cli
+from gptjax import data as data_lib
 from gptjax import eval as eval_lib
+from gptjax.metrics import bits_per_byte
 from gptjax.errors import UserError
 
 
 def test_windows_score_every_token_once():
     ids = np.arange(35)
-    x, y = eval_lib.eval_windows(ids, 8)
+    x, y = data_lib.eval_windows(ids, 8)
     assert x.shape == y.shape == (4, 8)
     np.testing.assert_array_equal(y.reshape(-1), ids[1:33])
     np.testing.assert_array_equal(x[:, 1:], y[:, :-1])
-    assert eval_lib.eval_windows(ids, 8, max_windows=2)[0].shape == (2, 8)
+    assert data_lib.eval_windows(ids, 8, max_windows=2)[0].shape == (2, 8)
 
 
 def test_bits_per_byte():
-    assert math.isclose(eval_lib.bits_per_byte(math.log(2), 100, 100), 1.0)
+    assert math.isclose(bits_per_byte(math.log(2), 100, 100), 1.0)
     # a uniform guess over 256 byte values costs 8 bits per byte; 4 bytes per token: 2 bits per byte
-    assert math.isclose(eval_lib.bits_per_byte(math.log(256), 50, 50), 8.0)
-    assert math.isclose(eval_lib.bits_per_byte(math.log(256), 50, 200), 2.0)
+    assert math.isclose(bits_per_byte(math.log(256), 50, 50), 8.0)
+    assert math.isclose(bits_per_byte(math.log(256), 50, 200), 2.0)
 
 
 def test_eval_cli_reports_float_and_int8(trained_workdir):

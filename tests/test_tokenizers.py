@@ -45,7 +45,6 @@ def test_loading_from_a_folder_without_tokenizer_is_clear(tmp_path):
 # ----------------------------------------------------------------------------- sentencepiece
 
 import functools
-import math
 
 from gptjax.tokenizers import EOT, GPT2Tokenizer, SentencePieceTokenizer, load_gpt2_encoding
 
