@@ -153,7 +153,7 @@ def bench_train(cfg, steps: int = 100, warmup: int = 10) -> dict:
             "config": {"n_layer": m.n_layer, "n_head": m.n_head, "n_embd": m.n_embd, "block_size": m.block_size,
                        "batch_size": t.batch_size, "dtype": m.dtype, "param_dtype": m.param_dtype,
                        "attention": model_lib.resolve_attention(m.attention, m.dtype, m.n_embd // m.n_head),
-                       "remat": m.remat, "grad_accum": t.grad_accum, "steps_per_call": k},
+                       "matmul": model_lib.resolve_matmul(m.matmul), "remat": m.remat, "grad_accum": t.grad_accum, "steps_per_call": k},
             "devices": len(devices),
             "device_kind": devices[0].device_kind,
             "platform": devices[0].platform,

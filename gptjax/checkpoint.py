@@ -223,7 +223,7 @@ def abstract_like(tree, shardings):
 FREE_KEYS = {
     "workdir", "train.steps_per_call", "train.grad_accum", "train.log_every", "train.checkpoint_every",
     "train.keep_checkpoints", "train.max_bad_steps", "train.allow_config_change",
-    "model.attention", "model.remat",
+    "model.attention", "model.remat", "model.matmul",
 }
 FREE_SECTIONS = ("mesh.",)  # arrays are resharded on restore
 # Keys that may change with --config.train.allow_config_change=True: the rest of the

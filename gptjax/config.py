@@ -34,6 +34,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.dtype = "float32"  # compute dtype: float32 | bfloat16
     c.model.param_dtype = "float32"  # master weights
     c.model.attention = "auto"  # auto | xla | dot_product | cudnn
+    c.model.matmul = "auto"  # auto | xla | tokens (Dense backward as [tokens, features] matmuls; auto: tokens on CPU)
     c.model.remat = False
 
     c.train = ml_collections.ConfigDict()
@@ -115,6 +116,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
         m.attention in ("auto", "xla", "dot_product", "cudnn"),
         f"model.attention must be one of auto, xla, dot_product, cudnn; got {m.attention!r}.",
     )
+    _require(m.matmul in ("auto", "xla", "tokens"), f"model.matmul must be one of auto, xla, tokens; got {m.matmul!r}.")
     for key in ("steps", "batch_size", "eval_every", "eval_steps", "log_every", "checkpoint_every",
                 "grad_accum", "steps_per_call"):
         _require(t[key] >= 1, f"train.{key} must be a positive integer, got {t[key]}.")

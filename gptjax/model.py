@@ -58,6 +58,61 @@ def resolve_attention(impl: str, dtype: str, head_dim: int, backend: str | None 
     return "dot_product" if backend == "tpu" else "xla"
 
 
+def resolve_matmul(impl: str, backend: str | None = None) -> str:
+    """The Dense-layer formulation `model.matmul='auto'` stands for: "tokens" on CPU, "xla" elsewhere."""
+    if impl != "auto":
+        return impl
+    return "tokens" if (backend or jax.default_backend()) == "cpu" else "xla"
+
+
+@jax.custom_vjp
+def _tokens_matmul(x, w):
+    return jnp.dot(x, w)
+
+
+def _tokens_matmul_fwd(x, w):
+    return jnp.dot(x, w), (x, w)
+
+
+def _tokens_matmul_bwd(res, g):
+    # Both gradients as plain 2-D matmuls over [tokens, features]: dx = g w^T and
+    # dw = x^T g. Autodiff reaches the same products through the [B, T, .]
+    # shapes, for which XLA's CPU backend picks slower layouts (BENCHMARKS.md).
+    x, w = res
+    x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
+    dx = jax.lax.dot_general(g2, w, (((1,), (1,)), ((), ())))
+    dw = jax.lax.dot_general(x2, g2, (((0,), (0,)), ((), ())))
+    return dx.reshape(x.shape).astype(x.dtype), dw.astype(w.dtype)
+
+
+_tokens_matmul.defvjp(_tokens_matmul_fwd, _tokens_matmul_bwd)
+
+
+def tokens_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None,
+                       out_sharding=None):
+    """`jax.lax.dot_general` for nnx.Linear, with the backward pass of `_tokens_matmul`.
+
+    Only a Dense layer's contraction (last input axis with the kernel's first,
+    no batch axes, default precision) takes the hand-written backward pass;
+    anything else goes to `jax.lax.dot_general` unchanged.
+    """
+    (lhs_c, rhs_c), (lhs_b, rhs_b) = dimension_numbers
+    dense = (tuple(lhs_c) == (lhs.ndim - 1,) and tuple(rhs_c) == (0,) and rhs.ndim == 2
+             and not lhs_b and not rhs_b and lhs.dtype == rhs.dtype)
+    if dense and precision is None and preferred_element_type is None and out_sharding is None:
+        return _tokens_matmul(lhs, rhs)
+    return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                               preferred_element_type=preferred_element_type, out_sharding=out_sharding)
+
+
+def _linear_kwargs(cfg) -> dict:
+    """Constructor arguments every Dense layer shares: dtypes and the matmul formulation."""
+    kwargs = {"dtype": DTYPES[cfg.dtype], "param_dtype": DTYPES[cfg.param_dtype]}
+    if resolve_matmul(cfg.get("matmul", "auto")) == "tokens":
+        kwargs["dot_general"] = tokens_dot_general
+    return kwargs
+
+
 def causal_attention(q, k, v, impl: str):
     """Softmax(q k^T / sqrt(d) + causal mask) v for [B, T, H, D] inputs."""
     if impl in ("dot_product", "cudnn"):
@@ -83,15 +138,14 @@ class CausalSelfAttention(nnx.Module):
         self.n_head, self.head_dim = H, D // H
         self.dropout_rate = cfg.dropout
         self.impl = resolve_attention(cfg.attention, cfg.dtype, self.head_dim)
-        dtype, pdtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
         self.qkv = nnx.Linear(
-            D, 3 * D, use_bias=cfg.qkv_bias, dtype=dtype, param_dtype=pdtype, rngs=rngs,
+            D, 3 * D, use_bias=cfg.qkv_bias, **_linear_kwargs(cfg), rngs=rngs,
             kernel_init=_normal(0.02), kernel_metadata={"logical_axes": ("embed", "qkv")},
             bias_metadata={"logical_axes": ("qkv",)},
         )
         # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer).
         self.proj = nnx.Linear(
-            D, D, use_bias=cfg.bias, dtype=dtype, param_dtype=pdtype, rngs=rngs,
+            D, D, use_bias=cfg.bias, **_linear_kwargs(cfg), rngs=rngs,
             kernel_init=_normal(0.02 / math.sqrt(2 * cfg.n_layer)),
             kernel_metadata={"logical_axes": ("heads", "embed")},
             bias_metadata={"logical_axes": ("embed",)},
@@ -119,14 +173,13 @@ class CausalSelfAttention(nnx.Module):
 class MLP(nnx.Module):
     def __init__(self, cfg, *, rngs: nnx.Rngs):
         D = cfg.n_embd
-        dtype, pdtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
         self.fc = nnx.Linear(
-            D, 4 * D, use_bias=cfg.bias, dtype=dtype, param_dtype=pdtype, rngs=rngs,
+            D, 4 * D, use_bias=cfg.bias, **_linear_kwargs(cfg), rngs=rngs,
             kernel_init=_normal(0.02), kernel_metadata={"logical_axes": ("embed", "mlp")},
             bias_metadata={"logical_axes": ("mlp",)},
         )
         self.proj = nnx.Linear(
-            4 * D, D, use_bias=cfg.bias, dtype=dtype, param_dtype=pdtype, rngs=rngs,
+            4 * D, D, use_bias=cfg.bias, **_linear_kwargs(cfg), rngs=rngs,
             kernel_init=_normal(0.02 / math.sqrt(2 * cfg.n_layer)),
             kernel_metadata={"logical_axes": ("mlp", "embed")},
             bias_metadata={"logical_axes": ("embed",)},
@@ -192,7 +245,7 @@ class GPT(nnx.Module):
         self.ln_f = _layer_norm(cfg, rngs)
         if not cfg.tie_embeddings:
             self.lm_head = nnx.Linear(
-                cfg.n_embd, cfg.vocab_size, use_bias=False, dtype=dtype, param_dtype=pdtype, rngs=rngs,
+                cfg.n_embd, cfg.vocab_size, use_bias=False, **_linear_kwargs(cfg), rngs=rngs,
                 kernel_init=_normal(0.02), kernel_metadata={"logical_axes": ("embed", "vocab")},
             )
 

@@ -23,8 +23,11 @@ import sys
 
 # XLA flags for the host CPU backend; they do not affect GPU or TPU code.
 # YNNPACK matmuls: on the tiny config they cut the step's CPU time by about a
-# third against XLA's default (Eigen) matmuls, with the same losses.
-CPU_XLA_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=dot",)
+# third against XLA's default (Eigen) matmuls, with the same losses. YNNPACK
+# reductions: XLA's own CPU reductions over more than 32 elements are split
+# into a windowed reduction and a second pass, each a separate unfused kernel
+# (LayerNorm and softmax statistics, about 60 of them per tiny-config step).
+CPU_XLA_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=dot,reduce",)
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
 

@@ -47,6 +47,44 @@ def test_remat_gives_the_same_loss_and_gradients(text_file, tmp_path):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_tokens_matmul_gives_the_same_loss_and_gradients(text_file, tmp_path, dtype):
+    # model.matmul=tokens (the CPU default) only rewrites how the Dense
+    # layers' backward pass is laid out; autodiff through XLA's dot is the reference.
+    out = {}
+    for impl in ("xla", "tokens"):
+        cfg = small_config(text_file, tmp_path / impl, **{"model.matmul": impl, "model.dtype": dtype,
+                                                          "model.tie_embeddings": False, "model.bias": True})
+        run = Run(cfg, cfg.workdir, quiet=True)
+        x, y = run.batch(run.train_ids, 0, 0)
+        out[impl] = jax.jit(jax.value_and_grad(lambda p: loss_fn(run.graphdef, p, x, y)))(run.state["params"])
+    tol = {"float32": dict(rtol=1e-5, atol=1e-7), "bfloat16": dict(rtol=2e-2, atol=1e-4)}[dtype]
+    np.testing.assert_allclose(out["tokens"][0], out["xla"][0], **tol)
+    grads = {k: jax.tree_util.tree_leaves_with_path(v[1]) for k, v in out.items()}
+    for (path, a), (_, b) in zip(grads["tokens"], grads["xla"]):
+        assert a.dtype == b.dtype, jax.tree_util.keystr(path)
+        assert float(jnp.max(jnp.abs(b))) > 0, jax.tree_util.keystr(path)  # every Dense kernel gets a gradient
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), **tol,
+                                   err_msg=jax.tree_util.keystr(path))
+
+
+def test_tokens_dot_general_matches_lax_and_falls_back_for_other_contractions():
+    from gptjax.model import tokens_dot_general
+
+    rng = np.random.default_rng(0)
+    x, w = jnp.asarray(rng.normal(size=(3, 5, 4)), jnp.float32), jnp.asarray(rng.normal(size=(4, 6)), jnp.float32)
+    dense = (((2,), (0,)), ((), ()))
+    f = lambda dg: lambda x, w: jnp.sum(jnp.sin(dg(x, w, dense)))
+    ref = jax.value_and_grad(f(jax.lax.dot_general), argnums=(0, 1))(x, w)
+    got = jax.value_and_grad(f(tokens_dot_general), argnums=(0, 1))(x, w)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    # A batched contraction is not a Dense layer's: it goes to lax.dot_general as it is.
+    a, b = jnp.ones((2, 3, 4)), jnp.ones((2, 4, 5))
+    batched = (((2,), (1,)), ((0,), (0,)))
+    np.testing.assert_array_equal(tokens_dot_general(a, b, batched), jax.lax.dot_general(a, b, batched))
+
+
 def test_grad_accumulation_equals_one_full_batch_step(text_file, tmp_path):
     after = {}
     for accum in (1, 4):

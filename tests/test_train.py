@@ -58,6 +58,7 @@ def test_metrics_written_after_the_last_checkpoint_are_dropped_on_resume(text_fi
         ({"model.block_size": 5000}, "fewer than model.block_size"),
         ({"train.batch_size": 0}, "train.batch_size must be a positive"),
         ({"model.activation": "swish"}, "model.activation"),
+        ({"model.matmul": "fast"}, "model.matmul must be one of auto, xla, tokens"),
     ],
 )
 def test_bad_config_values_are_clear(text_file, tmp_path, overrides, match):
