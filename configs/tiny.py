@@ -2,8 +2,8 @@
 
 4 layers, 4 heads, 128 wide, block 64, batch 12, 2000 steps, lr 1e-3 decaying
 to 1e-4 after 100 warm-up steps, beta2 0.99, no dropout, no gradient clipping; eval every 250 steps
-over 20 batches, ten steps per compiled call. Trains in about a minute on a
-laptop CPU.
+over 20 batches, ten steps per compiled call. Trains in under a minute on a
+two-core CPU.
 """
 
 from gptjax.config import base_config

@@ -164,6 +164,13 @@ def make_train_step(graphdef, tx, seed: int, dropout: float, state_sh, batch_sh,
     )
 
 
+def _shown(path: str) -> str:
+    """A path as the finish block prints it: relative to the current folder when inside it."""
+    path = os.path.abspath(path)
+    rel = os.path.relpath(path)
+    return path if rel == ".." or rel.startswith(".." + os.sep) else rel
+
+
 def encode_sample_prompt(tokenizer, prompt: str, block_size: int) -> np.ndarray:
     from gptjax import sample as sample_lib  # imported on use: it defines the sample command's flags
 
@@ -377,13 +384,13 @@ class Run:
             if self.metrics.enabled and os.path.exists(self.metrics.path) else None
         self.log(f"done: {done - start} steps in {metrics_lib.format_duration(wall)} ({wall:.1f}s)"
                  + (f"; best val loss {best[1]:.4f} at step {best[0]}" if best else ""))
-        self.log(f"  checkpoints  {self.ckpt.directory}")
-        self.log(f"  metrics      {os.path.abspath(self.metrics.path)}")
-        self.log(f"  loss curve   {os.path.abspath(os.path.join(self.workdir, metrics_lib.LOSS_PNG))}")
+        self.log(f"  checkpoints  {_shown(self.ckpt.directory)}")
+        self.log(f"  metrics      {_shown(self.metrics.path)}")
+        self.log(f"  loss curve   {_shown(os.path.join(self.workdir, metrics_lib.LOSS_PNG))}")
         if self.cfg.log.tensorboard:
-            self.log(f"  tensorboard  tensorboard --logdir {os.path.abspath(os.path.join(self.workdir, 'tensorboard'))}")
+            self.log(f"  tensorboard  tensorboard --logdir {_shown(os.path.join(self.workdir, 'tensorboard'))}")
         if self.cfg.train.sample_every:
-            self.log(f"  samples      {os.path.abspath(os.path.join(self.workdir, metrics_lib.SAMPLES_FILE))}")
+            self.log(f"  samples      {_shown(os.path.join(self.workdir, metrics_lib.SAMPLES_FILE))}")
 
     def batch(self, ids, step: int, stream: int):
         t = self.cfg.train
