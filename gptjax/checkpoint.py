@@ -114,13 +114,26 @@ class Checkpointer:
         out = self.manager.restore(step, args=ocp.args.Composite(**args))
         return out["params"], out.get("opt_state") if abstract_opt_state is not None else None, out["meta"]
 
-    def restore_newest(self, abstract_params, abstract_opt_state=None, log=print):
+    def restore_one(self, step: int, abstract_params):
+        """The parameters of one given step; a UserError (not orbax's traceback) if it does not restore."""
+        with _captured_stderr():
+            try:
+                return self.restore(step, abstract_params)[0]
+            except Exception as e:  # orbax/tensorstore raise many types for damaged files
+                error = f"{type(e).__name__}: {_first_line(e)}"
+        older = [s for s in self.steps() if s < step]
+        hint = f"; try --step {older[-1]}" if older else ""
+        raise UserError(f"the checkpoint at step {step} in {self.directory} does not restore ({error}){hint}.")
+
+    def restore_newest(self, abstract_params, abstract_opt_state=None, log=print, move_broken: bool = True):
         """Restore the newest checkpoint that restores cleanly: (step, params, opt_state, meta) or None.
 
-        Newer ones that fail are reported through `log` and moved to
-        WORKDIR/broken_checkpoints/ (kept for inspection; a new save at that
-        step could not happen otherwise). If none restores, nothing is moved
-        and a UserError lists why each failed.
+        Newer ones that fail are reported through `log` and, with
+        `move_broken` (training), moved to WORKDIR/broken_checkpoints/ (kept
+        for inspection; a new save at that step could not happen otherwise).
+        Readers (sampling, evaluation) pass move_broken=False and leave the
+        workdir as it is. If none restores, nothing is moved and a UserError
+        lists why each failed.
         """
         failed = [(s, "incomplete: no orbax commit metadata", "") for s in self._uncommitted_step_dirs()]
         for step in reversed(self.steps()):
@@ -136,10 +149,12 @@ class Checkpointer:
                 failed.append((step, error, captured.text))
                 continue
             for bad, why, details in sorted(failed, reverse=True):
-                if bad > step:
+                if bad > step and move_broken:
                     moved = self._move_aside(bad, f"{why}\n\n{details}")
                     log(f"warning: the checkpoint at step {bad} does not restore ({why}); "
                         f"skipped it and moved it to {moved}")
+                elif bad > step:
+                    log(f"warning: the checkpoint at step {bad} does not restore ({why}); using step {step}")
             return step, params, opt_state, meta
         if not failed:
             return None

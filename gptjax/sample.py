@@ -289,12 +289,17 @@ def load_run(workdir: str, step: int | None = None, quantize: str = "none") -> L
     steps = ckpt.steps()
     if not steps:
         raise UserError(f"{workdir} has no checkpoint yet; train first with --workdir {workdir}.")
-    step = steps[-1] if step is None else step
-    if step not in steps:
+    if step is not None and step not in steps:
         raise UserError(f"no checkpoint at step {step} in {workdir}; steps with checkpoints: {steps}.")
     graphdef, target = _abstract(cfg, "none")
-    params, _, _ = ckpt.restore(step, target)
-    ckpt.close()
+    try:
+        if step is None:  # the newest that restores; a damaged newer one is reported, never moved
+            step, params, _, _ = ckpt.restore_newest(
+                target, log=lambda msg: print(msg, file=sys.stderr, flush=True), move_broken=False)
+        else:
+            params = ckpt.restore_one(step, target)
+    finally:
+        ckpt.close()
     if quantize != "none":
         model = quantize_lib.quantize_model(nnx.merge(graphdef, params), quantize)
         graphdef, params = nnx.graphdef(model), nnx.to_pure_dict(nnx.state(model))

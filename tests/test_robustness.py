@@ -268,6 +268,25 @@ def test_when_no_checkpoint_restores_nothing_is_moved_and_the_error_lists_them(t
     assert tree_snapshot(workdir) == before
 
 
+def test_sampling_uses_the_newest_checkpoint_that_restores_and_changes_nothing(trained, tmp_path, capsys):
+    from gptjax import sample
+
+    run, _, src = trained
+    workdir = copy_run(src, tmp_path / "run")
+    os.remove(os.path.join(workdir, "checkpoints", "6", "params", "_METADATA"))
+    before = tree_snapshot(workdir)
+    loaded = sample.load_run(workdir)
+    err = capsys.readouterr().err
+    assert loaded.step == 4
+    assert "checkpoint at step 6 does not restore" in err and "using step 4" in err and "Traceback" not in err
+    four = sample.load_run(src, step=4)  # the undamaged run's step 4: the same weights
+    assert_same_params(loaded.params, four.params)
+    assert tree_snapshot(workdir) == before  # a reader never moves or deletes anything
+    with pytest.raises(UserError, match=r"checkpoint at step 6 .* does not restore .*try --step 4"):
+        sample.load_run(workdir, step=6)
+    assert tree_snapshot(workdir) == before
+
+
 # ----------------------------------------------------------------------------- 4. non-finite losses
 
 def test_a_poisoned_batch_is_skipped_inside_the_step(trained):
