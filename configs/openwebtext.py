@@ -12,15 +12,13 @@ folder $GPTJAX_DATA_DIR/openwebtext/ of .txt/.jsonl/.parquet files is used
 when present.
 """
 
-from gptjax.config import base_config
+from gptjax.config import base_config, pick_size
 
 SIZES = ("gpt2", "small")
 
 
 def get_config(size=None):
-    size = size or "gpt2"
-    if size not in SIZES:
-        raise ValueError(f"unknown size {size!r} for configs/openwebtext.py; sizes: {', '.join(SIZES)}")
+    size = pick_size(size, SIZES, "configs/openwebtext.py")
     c = base_config()
     c.workdir = f"runs/openwebtext-{size}"
     c.data.dataset, c.data.tokenizer, c.data.val_fraction = "openwebtext", "gpt2", 0.0005

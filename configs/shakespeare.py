@@ -9,10 +9,11 @@ sentencepiece BPE of 500 tokens trained on the text; 5 layers, 6 heads, 240
 wide, block 256.
 """
 
-from gptjax.config import base_config
+from gptjax.config import base_config, pick_size
 
 
 def get_config(size=None):
+    size = pick_size(size, ("char", "bpe"), "configs/shakespeare.py")
     c = base_config()
     c.workdir = "runs/shakespeare"
     c.model.n_layer, c.model.n_head, c.model.n_embd, c.model.block_size = 6, 6, 384, 256
@@ -26,6 +27,4 @@ def get_config(size=None):
         c.workdir = "runs/shakespeare-bpe"
         c.model.n_layer, c.model.n_head, c.model.n_embd, c.model.block_size = 5, 6, 240, 256
         c.data.tokenizer, c.data.vocab_size = "sentencepiece", 500
-    elif size not in (None, "char"):
-        raise ValueError(f"unknown size {size!r} for configs/shakespeare.py; sizes: char (default), bpe")
     return c

@@ -11,15 +11,13 @@ Local copies under $GPTJAX_DATA_DIR/tinystories/{train,valid}.txt are used when
 present; otherwise the hub dataset roneneldan/TinyStories.
 """
 
-from gptjax.config import base_config
+from gptjax.config import base_config, pick_size
 
 SIZES = ("tiny", "small", "medium", "gpt2")
 
 
 def get_config(size=None):
-    size = size or "tiny"
-    if size not in SIZES:
-        raise ValueError(f"unknown size {size!r} for configs/tinystories.py; sizes: {', '.join(SIZES)}")
+    size = pick_size(size, SIZES, "configs/tinystories.py")
     c = base_config()
     c.workdir = f"runs/tinystories-{size}"
     c.data.dataset = "tinystories"

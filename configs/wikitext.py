@@ -14,15 +14,13 @@ rare words); each line is a paragraph, so lines are kept and no end-of-text
 token is inserted between them.
 """
 
-from gptjax.config import base_config
+from gptjax.config import base_config, pick_size
 
 SIZES = ("tiny", "small", "gpt2")
 
 
 def get_config(size=None):
-    size = size or "tiny"
-    if size not in SIZES:
-        raise ValueError(f"unknown size {size!r} for configs/wikitext.py; sizes: {', '.join(SIZES)}")
+    size = pick_size(size, SIZES, "configs/wikitext.py")
     c = base_config()
     c.workdir = f"runs/wikitext-{size}"
     c.data.dataset = "wikitext2"

@@ -114,13 +114,26 @@ class Checkpointer:
         out = self.manager.restore(step, args=ocp.args.Composite(**args))
         return out["params"], out.get("opt_state") if abstract_opt_state is not None else None, out["meta"]
 
+    def _try_restore(self, step: int, abstract_params, abstract_opt_state=None):
+        """(restored or None, error or None, what orbax printed meanwhile).
+
+        A damaged checkpoint makes orbax's reader threads print pages of
+        tracebacks; they are captured here rather than shown on the console.
+        """
+        with _captured_stderr() as captured:
+            try:
+                out = self.restore(step, abstract_params, abstract_opt_state)
+                meta_step = out[2].get("step", -1)
+                error = None if int(meta_step) == step else f"its meta says step {meta_step}"
+            except Exception as e:  # orbax/tensorstore raise many types for damaged files
+                out, error = None, f"{type(e).__name__}: {_first_line(e)}"
+        return (out if error is None else None), error, captured.text
+
     def restore_one(self, step: int, abstract_params):
         """The parameters of one given step; a UserError (not orbax's traceback) if it does not restore."""
-        with _captured_stderr():
-            try:
-                return self.restore(step, abstract_params)[0]
-            except Exception as e:  # orbax/tensorstore raise many types for damaged files
-                error = f"{type(e).__name__}: {_first_line(e)}"
+        out, error, _ = self._try_restore(step, abstract_params)
+        if error is None:
+            return out[0]
         older = [s for s in self.steps() if s < step]
         hint = f"; try --step {older[-1]}" if older else ""
         raise UserError(f"the checkpoint at step {step} in {self.directory} does not restore ({error}){hint}.")
@@ -137,17 +150,11 @@ class Checkpointer:
         """
         failed = [(s, "incomplete: no orbax commit metadata", "") for s in self._uncommitted_step_dirs()]
         for step in reversed(self.steps()):
-            # A damaged checkpoint makes orbax's reader threads print pages of tracebacks;
-            # keep them out of the console and next to the broken checkpoint instead.
-            with _captured_stderr() as captured:
-                try:
-                    params, opt_state, meta = self.restore(step, abstract_params, abstract_opt_state)
-                    error = None if int(meta.get("step", -1)) == step else f"its meta says step {meta.get('step')}"
-                except Exception as e:  # orbax/tensorstore raise many types for damaged files
-                    error = f"{type(e).__name__}: {_first_line(e)}"
+            out, error, details = self._try_restore(step, abstract_params, abstract_opt_state)
             if error is not None:
-                failed.append((step, error, captured.text))
+                failed.append((step, error, details))  # the details go beside the moved checkpoint
                 continue
+            params, opt_state, meta = out
             for bad, why, details in sorted(failed, reverse=True):
                 if bad > step and move_broken:
                     moved = self._move_aside(bad, f"{why}\n\n{details}")

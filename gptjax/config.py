@@ -93,6 +93,16 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+def pick_size(size: str | None, sizes: tuple[str, ...], config_file: str) -> str:
+    """`size` from `--config FILE:SIZE`, or the first of `sizes` when none was given."""
+    if size is None:
+        return sizes[0]
+    if size not in sizes:
+        raise ValueError(f"unknown size {size!r} for {config_file}; sizes: {', '.join(sizes)} "
+                         f"(default {sizes[0]})")
+    return size
+
+
 def _require(cond: bool, msg: str) -> None:
     if not cond:
         raise UserError(msg)
@@ -182,7 +192,11 @@ def parse_flags_or_exit(argv: list[str], flag_values) -> list[str]:
     try:
         return flag_values(argv)
     except flags.Error as e:
-        print(f"error: {e}\nRun with --helpfull to list the flags.", file=sys.stderr)
+        msg = str(e)
+        if "Traceback (most recent call last)" in msg:  # the config file's get_config raised: keep its message
+            lines = [line for line in msg.splitlines() if line.strip()]
+            msg = f"{lines[0].rstrip(': ')}: {lines[-1]}"
+        print(f"error: {msg}\nRun with --helpfull to list the flags.", file=sys.stderr)
     except (AttributeError, KeyError) as e:
         msg = str(e).strip("'\"").replace("\\n", " ").replace("\\'", "'")
         bad = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]

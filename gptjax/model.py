@@ -108,7 +108,7 @@ def tokens_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_el
 def _linear_kwargs(cfg) -> dict:
     """Constructor arguments every Dense layer shares: dtypes and the matmul formulation."""
     kwargs = {"dtype": DTYPES[cfg.dtype], "param_dtype": DTYPES[cfg.param_dtype]}
-    if resolve_matmul(cfg.get("matmul", "auto")) == "tokens":
+    if resolve_matmul(cfg.matmul) == "tokens":
         kwargs["dot_general"] = tokens_dot_general
     return kwargs
 

@@ -64,6 +64,12 @@ def test_unknown_config_key_is_one_clear_error(text_file, tmp_path):
     assert_clean_error(proc, "n_lyer", "unknown config key", "n_layer")
 
 
+def test_unknown_config_size_is_one_clear_error(tmp_path):
+    proc = run_cli("gptjax.train", "--config", "configs/wikitext.py:huge", f"--workdir={tmp_path / 'run'}")
+    assert_clean_error(proc, "unknown size 'huge' for configs/wikitext.py", "tiny, small, gpt2")
+    assert len(proc.stderr.strip().splitlines()) == 2  # the error line and the --helpfull hint
+
+
 def test_indivisible_heads_is_one_clear_error(text_file, tmp_path):
     proc = train_cli(text_file, tmp_path / "run", "--config.model.n_embd=31")
     assert_clean_error(proc, "n_embd (31) must be divisible by model.n_head (2)")
