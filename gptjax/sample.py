@@ -192,18 +192,28 @@ def generate(graphdef, params, tokens_BxN, prompt_len, key, settings, *, use_cac
     return state["tokens"], state["length"]
 
 
+def _request(prompt_ids, num_samples: int, block: int, max_new_tokens: int, temperature: float, top_k: int,
+             top_p: float, eot: int | None = None, stop_ids=()):
+    """(tokens [num_samples, block + max_new_tokens] holding the prompt, settings) for `generate`."""
+    P = len(prompt_ids)
+    tokens = np.zeros((num_samples, block + max_new_tokens), np.int32)
+    tokens[:, :P] = prompt_ids
+    settings = {
+        "temperature": jnp.float32(temperature), "top_k": jnp.int32(top_k), "top_p": jnp.float32(top_p),
+        "eot": jnp.int32(-1 if eot is None else eot), "stop_ids": jnp.asarray(stop_ids, jnp.int32).reshape(-1),
+        "prompt_len": jnp.int32(P), "max_len": jnp.int32(P + max_new_tokens),
+    }
+    return jnp.asarray(tokens), settings
+
+
 def generate_ids(graphdef, params, prompt_ids, seed: int, max_new_tokens: int, temperature: float = 0.8,
                  top_k: int = 0, top_p: float = 1.0, use_cache: bool = True) -> np.ndarray:
     """Prompt ids (at most block_size of them) + max_new_tokens sampled ids, for one sample."""
     block = nnx.merge(graphdef, params).cfg.block_size
     prompt_ids = np.asarray(prompt_ids, np.int32)[-block:]
     P = len(prompt_ids)
-    tokens = np.zeros((1, block + max_new_tokens), np.int32)
-    tokens[0, :P] = prompt_ids
-    settings = {"temperature": jnp.float32(temperature), "top_k": jnp.int32(top_k), "top_p": jnp.float32(top_p),
-                "eot": jnp.int32(-1), "stop_ids": jnp.zeros((0,), jnp.int32), "prompt_len": jnp.int32(P),
-                "max_len": jnp.int32(P + max_new_tokens)}
-    out, _ = generate(graphdef, params, jnp.asarray(tokens), P, jax.random.key(seed), settings, use_cache=use_cache)
+    tokens, settings = _request(prompt_ids, 1, block, max_new_tokens, temperature, top_k, top_p)
+    out, _ = generate(graphdef, params, tokens, P, jax.random.key(seed), settings, use_cache=use_cache)
     return np.asarray(jax.device_get(out))[0, : P + max_new_tokens]
 
 
@@ -365,16 +375,10 @@ class Generator:
         check_sampling(temperature, top_k, top_p, max_new_tokens, num_samples)
         top_k = clamp_top_k(top_k, self.tokenizer.vocab_size, explicit)
         ids = encode_prompt(self.tokenizer, prompt, self.block_size)
-        tokens = np.zeros((num_samples, self.block_size + max_new_tokens), np.int32)
-        tokens[:, : len(ids)] = ids
-        stop_ids = self.tokenizer.encode(stop) if stop else np.zeros((0,), np.int32)
-        eot = self.tokenizer.eot_id
-        settings = {
-            "temperature": jnp.float32(temperature), "top_k": jnp.int32(top_k), "top_p": jnp.float32(top_p),
-            "eot": jnp.int32(-1 if eot is None else eot), "stop_ids": jnp.asarray(stop_ids, jnp.int32),
-            "prompt_len": jnp.int32(len(ids)), "max_len": jnp.int32(len(ids) + max_new_tokens),
-        }
-        return jnp.asarray(tokens), len(ids), jax.random.key(seed), settings
+        stop_ids = self.tokenizer.encode(stop) if stop else ()
+        tokens, settings = _request(ids, num_samples, self.block_size, max_new_tokens, temperature, top_k, top_p,
+                                    self.tokenizer.eot_id, stop_ids)
+        return tokens, len(ids), jax.random.key(seed), settings
 
     def _completion(self, ids, stop) -> tuple[str, bool]:
         """Text of generated ids, cut at end-of-text and at the stop string; (text, stopped)."""
