@@ -15,6 +15,17 @@ import ml_collections
 
 from gptjax.errors import UserError
 
+# The valid values of each key that picks between implementations. The modules
+# that dispatch on a key import its tuple from here; `validate` checks it once.
+ACTIVATIONS = ("gelu", "relu")
+DTYPES = ("float32", "bfloat16")
+ATTENTION_IMPLS = ("auto", "xla", "dot_product", "cudnn")
+MATMUL_IMPLS = ("auto", "xla", "tokens")
+DATASETS = ("tinyshakespeare", "tinystories", "wikitext2", "wikitext103", "openwebtext", "text", "hf")
+TOKENIZERS = ("char", "sentencepiece", "gpt2")  # or a path to a sentencepiece .model file
+SP_MODEL_TYPES = ("bpe", "unigram")
+QUANTIZE_SCHEMES = ("none", "int8")
+
 
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
@@ -108,6 +119,11 @@ def _require(cond: bool, msg: str) -> None:
         raise UserError(msg)
 
 
+def require_choice(key: str, value, choices: tuple) -> None:
+    """UserError unless `value` is one of `choices`; the message lists them."""
+    _require(value in choices, f"{key} must be one of {', '.join(choices)}; got {value!r}.")
+
+
 def validate(c: ml_collections.ConfigDict) -> None:
     """Raise a UserError that names the key and the fix for any bad value."""
     m, t = c.model, c.train
@@ -119,14 +135,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
         f"pick e.g. --config.model.n_embd={max(1, round(m.n_embd / m.n_head)) * m.n_head}.",
     )
     _require(0.0 <= m.dropout < 1.0, f"model.dropout must be in [0, 1), got {m.dropout}.")
-    _require(m.activation in ("gelu", "relu"), f"model.activation must be 'gelu' or 'relu', got {m.activation!r}.")
+    require_choice("model.activation", m.activation, ACTIVATIONS)
     for key in ("dtype", "param_dtype"):
-        _require(m[key] in ("float32", "bfloat16"), f"model.{key} must be 'float32' or 'bfloat16', got {m[key]!r}.")
-    _require(
-        m.attention in ("auto", "xla", "dot_product", "cudnn"),
-        f"model.attention must be one of auto, xla, dot_product, cudnn; got {m.attention!r}.",
-    )
-    _require(m.matmul in ("auto", "xla", "tokens"), f"model.matmul must be one of auto, xla, tokens; got {m.matmul!r}.")
+        require_choice(f"model.{key}", m[key], DTYPES)
+    require_choice("model.attention", m.attention, ATTENTION_IMPLS)
+    require_choice("model.matmul", m.matmul, MATMUL_IMPLS)
     for key in ("steps", "batch_size", "eval_every", "eval_steps", "log_every", "checkpoint_every",
                 "grad_accum", "steps_per_call"):
         _require(t[key] >= 1, f"train.{key} must be a positive integer, got {t[key]}.")
@@ -144,8 +157,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
     )
     _require(0.0 < c.data.val_fraction < 1.0, f"data.val_fraction must be in (0, 1), got {c.data.val_fraction}.")
     d = c.data
+    _require(d.dataset in DATASETS, f"unknown dataset {d.dataset!r}; known: {', '.join(DATASETS)} "
+             "(text: your own files via data.path; hf: any hub dataset via data.hf_name).")
     _require(
-        d.tokenizer in ("char", "sentencepiece", "gpt2") or d.tokenizer.endswith(".model"),
+        d.tokenizer in TOKENIZERS or d.tokenizer.endswith(".model"),
         f"data.tokenizer must be char, sentencepiece, gpt2 or a path to a sentencepiece .model file; "
         f"got {d.tokenizer!r}.",
     )
@@ -153,7 +168,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
         d.tokenizer != "sentencepiece" or d.vocab_size >= 1,
         "data.tokenizer=sentencepiece needs data.vocab_size, e.g. --config.data.vocab_size=4096.",
     )
-    _require(d.sp_model_type in ("bpe", "unigram"), f"data.sp_model_type must be bpe or unigram, got {d.sp_model_type!r}.")
+    require_choice("data.sp_model_type", d.sp_model_type, SP_MODEL_TYPES)
     _require(d.sp_max_chars >= 1, f"data.sp_max_chars must be positive, got {d.sp_max_chars}.")
     _require(d.num_proc >= 0, f"data.num_proc must be >= 0 (0: one per core), got {d.num_proc}.")
     _require(c.workdir != "", "workdir is empty; pass --workdir DIR.")

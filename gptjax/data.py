@@ -28,6 +28,7 @@ import urllib.request
 import numpy as np
 
 from gptjax.errors import UserError
+from gptjax.runtime import cache_dir
 
 DATA_DIR_ENV = "GPTJAX_DATA_DIR"
 
@@ -37,11 +38,6 @@ TINYSHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca5
 # Streams keep the train sampler, the train-loss estimate and the validation
 # estimate from ever drawing the same random numbers.
 TRAIN_STREAM, EVAL_TRAIN_STREAM, EVAL_VAL_STREAM = 0, 1, 2
-
-
-def cache_dir() -> str:
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(root, "gptjax")
 
 
 def read_text_file(path: str) -> str:

@@ -60,9 +60,13 @@ def add_xla_flags(flags) -> None:
         os.environ["XLA_FLAGS"] = " ".join([current, *extra]).strip()
 
 
-def compilation_cache_dir() -> str:
-    from gptjax.data import cache_dir
+def cache_dir() -> str:
+    """gptjax's cache folder (downloads, token files, compiled programs): $XDG_CACHE_HOME/gptjax."""
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(root, "gptjax")
 
+
+def compilation_cache_dir() -> str:
     return os.path.join(cache_dir(), "jax")
 
 

@@ -1,11 +1,26 @@
+import importlib.util
 import os
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+
+# The suite never writes into the user's own cache (downloads, token files,
+# tokenizers, compiled programs): every test, and every process a test starts,
+# uses one temporary cache folder for the session.
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="gptjax-test-cache-")
+
+
+def load_config(name: str, size: str | None = None):
+    """`configs/<name>.py`'s get_config(size), loaded by path (configs/ is not a package)."""
+    path = os.path.join(ROOT, "configs", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"gptjax_test_configs_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(size)
 
 SAMPLE_TEXT = (
     "First Citizen:\nBefore we proceed any further, hear me speak.\n\n"
@@ -24,9 +39,7 @@ def text_file(tmp_path):
 
 def small_config(text_path, workdir, **overrides):
     """A model small enough for a test to train in seconds."""
-    from configs.tiny import get_config
-
-    c = get_config()
+    c = load_config("tiny")
     c.workdir = str(workdir)
     c.data.path = text_path
     c.model.n_layer, c.model.n_head, c.model.n_embd, c.model.block_size = 2, 2, 32, 16

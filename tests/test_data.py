@@ -5,7 +5,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import ROOT, shared_data_dir
+from conftest import ROOT, load_config, shared_data_dir
 from gptjax import data as data_lib
 from gptjax.errors import UserError
 
@@ -291,9 +291,7 @@ def test_evaluate_reports_perplexity_and_bits_per_byte(tmp_path, cache):
 
 @pytest.mark.skipif(shared_data_dir() is None, reason="GPTJAX_DATA_DIR is not set to the shared data folder")
 def test_named_datasets_use_the_local_copies(cache):
-    from configs.tiny import get_config
-
-    p = data_lib.prepare(get_config(), None, log=lambda *_: None)  # Tiny Shakespeare keeps its 65 characters
+    p = data_lib.prepare(load_config("tiny"), None, log=lambda *_: None)  # Tiny Shakespeare keeps its 65 characters
     assert p.tokenizer.vocab_size == 65 and len(p.train_ids) == 1003854 and len(p.val_ids) == 111540
     for name, folder, val in (("tinystories", "tinystories", "valid.txt"), ("wikitext2", "wikitext-2", "valid.txt")):
         src = data_lib.resolve_source(data_config("", dataset=name).data)
@@ -317,13 +315,13 @@ def test_configs_have_the_documented_sizes():
                 ("openwebtext", "small"): 30_117_120}
     vocab = {"char": None, "gpt2": 50257}
     for (name, size), n in expected.items():
-        c = importlib.import_module(f"configs.{name}").get_config(size)
+        c = load_config(name, size)
         # char vocabularies: Tiny Shakespeare's 65 characters; the local TinyStories' 81 and a newline
         c.model.vocab_size = vocab.get(c.data.tokenizer, c.data.vocab_size) or (65 if name == "shakespeare" else 82)
         abstract = nnx.eval_shape(lambda: model_lib.GPT(c.model, rngs=nnx.Rngs(0)))
         assert model_lib.count_params(nnx.to_pure_dict(nnx.state(abstract))) == n, (name, size)
     with pytest.raises(ValueError, match="sizes: tiny, small"):
-        importlib.import_module("configs.tinystories").get_config("huge")
+        load_config("tinystories", "huge")
 
 
 # ----------------------------------------------------------------------------- command lines

@@ -274,7 +274,7 @@ def test_bad_mesh_input_is_clear(text_file, tmp_path, mesh, overrides, match):
 # ----------------------------------------------------------------------------- launchers
 
 def _env(**extra):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
     env.update(extra)
     return env
 
