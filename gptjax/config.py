@@ -12,6 +12,7 @@ import json
 import sys
 
 import ml_collections
+from flax.traverse_util import flatten_dict
 
 from gptjax.errors import UserError
 
@@ -172,6 +173,72 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _require(d.sp_max_chars >= 1, f"data.sp_max_chars must be positive, got {d.sp_max_chars}.")
     _require(d.num_proc >= 0, f"data.num_proc must be >= 0 (0: one per core), got {d.num_proc}.")
     _require(c.workdir != "", "workdir is empty; pass --workdir DIR.")
+
+
+# ----------------------------------------------------------------------------- config guard on resume
+
+# Keys that do not change what the run computes: free to change on resume.
+FREE_KEYS = {
+    "workdir", "train.steps_per_call", "train.grad_accum", "train.log_every", "train.checkpoint_every",
+    "train.keep_checkpoints", "train.max_bad_steps", "train.allow_config_change",
+    "model.attention", "model.remat", "model.matmul",
+}
+FREE_SECTIONS = ("mesh.",)  # arrays are resharded on restore
+# Keys that may change with --config.train.allow_config_change=True: the rest of the
+# run trains differently but the checkpoint still fits. Any other model.* or data.* key
+# is the model's shape, its tokenizer or its data: never changeable.
+CHANGEABLE_KEYS = {"model.dropout", "model.dtype"}
+CHANGEABLE_SECTIONS = ("train.",)
+
+
+def config_differences(saved: dict, new: dict) -> list[tuple[str, object, object]]:
+    """(key, saved value, new value) for every key that differs, sorted by key."""
+    a, b = flatten_dict(saved, sep="."), flatten_dict(new, sep=".")
+    missing = object()
+    diffs = []
+    for key in sorted(set(a) | set(b)):
+        old, cur = a.get(key, missing), b.get(key, missing)
+        if key == "model.vocab_size" and cur == 0:
+            continue  # 0 means "from the tokenizer", which the workdir supplies
+        if old is missing or cur is missing:
+            continue  # a key newer or older code added: nothing to compare
+        if old != cur:
+            diffs.append((key, old, cur))
+    return diffs
+
+
+def change_kind(key: str) -> str:
+    """'free', 'changeable' (with allow_config_change) or 'fixed'."""
+    if key in FREE_KEYS or key.startswith(FREE_SECTIONS):
+        return "free"
+    if key in CHANGEABLE_KEYS or key.startswith(CHANGEABLE_SECTIONS):
+        return "changeable"
+    return "fixed"
+
+
+def check_resume_config(saved: dict, new: dict, allow_change: bool, workdir: str) -> list[str]:
+    """Refuse a resume whose config differs from the workdir's in a way that matters.
+
+    Returns the accepted changes as `key: old -> new` lines; raises a UserError
+    listing every refused difference otherwise.
+    """
+    diffs = [(k, old, cur, change_kind(k)) for k, old, cur in config_differences(saved, new)]
+    fixed = [d for d in diffs if d[3] == "fixed"]
+    changeable = [d for d in diffs if d[3] == "changeable"]
+    show = lambda ds: ", ".join(f"{k}: {old!r} -> {cur!r}" for k, old, cur, _ in ds)
+    if fixed:
+        raise UserError(
+            f"{workdir} holds a run with a different model, tokenizer or data; refusing to resume. "
+            f"Differences: {show(fixed)}. Use the run's own config (see {workdir}/config.json), "
+            "or a new --workdir for a new run."
+        )
+    if changeable and not allow_change:
+        raise UserError(
+            f"the config differs from the one {workdir} was trained with: {show(changeable)}. "
+            "Pass --config.train.allow_config_change=True to resume with these changes, "
+            "or use the run's own values (see its config.json)."
+        )
+    return [f"{k}: {old!r} -> {cur!r}" for k, old, cur, kind in diffs if kind == "changeable"]
 
 
 def to_json(c: ml_collections.ConfigDict) -> str:

@@ -11,46 +11,36 @@ TensorBoard like any other metric:
   attn_entropy   mean entropy (nats) of each layer's attention distributions
   dead_frac      for ReLU MLPs: fraction of hidden units that are zero for every token of the batch
 
-Activations are taken without dropout, so they describe the model itself.
+Activations are those the model itself sows in a recording forward pass
+(`model.set_attributes(record=True)` under `nnx.capture`): the attention
+entropy is that of the very probabilities the model attends with. They are
+taken without dropout, so they describe the model itself.
 """
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
-import optax
 from flax import nnx
+
+from gptjax import model as model_lib
+from gptjax import steps
 
 PREFIX = "diag/"
 
 
-def module_of(path) -> str:
-    """"blocks.3" for a parameter inside block 3; the top-level name ("wte", "ln_f", ...) otherwise."""
-    keys = [str(getattr(p, "key", getattr(p, "idx", p))) for p in path]
-    return ".".join(keys[:2]) if keys[0] == "blocks" else keys[0]
-
-
 def group_norms(tree) -> dict:
-    """L2 norm per module of a params-shaped tree."""
+    """L2 norm per module (`model.module_name`) of a params-shaped tree."""
     sq: dict = {}
     for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-        name = module_of(path)
+        name = model_lib.module_name(path)
         sq[name] = sq.get(name, 0.0) + jnp.sum(jnp.square(leaf.astype(jnp.float32)))
     return {name: jnp.sqrt(s) for name, s in sq.items()}
 
 
-def attention_entropy(block, attn_in_BxTxD):
-    """Mean entropy of the causal attention distributions of one block, over batch, heads and queries."""
-    attn = block.attn
-    B, T, _ = attn_in_BxTxD.shape
-    qkv = attn.qkv(attn_in_BxTxD).reshape(B, T, 3, attn.n_head, attn.head_dim)
-    q, k = qkv[:, :, 0].astype(jnp.float32), qkv[:, :, 1].astype(jnp.float32)
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(attn.head_dim)
-    mask = jnp.tril(jnp.ones((T, T), dtype=bool))
-    probs = jax.nn.softmax(jnp.where(mask, scores, -jnp.inf), axis=-1)
-    return jnp.mean(-jnp.sum(jax.scipy.special.xlogy(probs, probs), axis=-1))
+def entropy(probs, axis: int = -1):
+    """Entropy in nats of distributions along `axis` (0 log 0 = 0)."""
+    return -jnp.sum(jax.scipy.special.xlogy(probs, probs), axis=axis)
 
 
 def dead_fraction(hidden_BxTxF):
@@ -59,25 +49,40 @@ def dead_fraction(hidden_BxTxF):
     return jnp.mean(dead.astype(jnp.float32))
 
 
-def activation_stats(model, taps) -> dict:
-    """Per-block scalars from the tensors a forward pass with `taps=[]` recorded."""
+def recorded_forward(model: nnx.Module, tokens_BxT):
+    """(logits, {block index: its sown activations}) of one recording forward pass (see `model.py`)."""
+    model.set_attributes(record=True)
+    try:
+        logits, sown = nnx.capture(model, nnx.Intermediate)(tokens_BxT)
+    finally:
+        model.set_attributes(record=False)
+    sown = nnx.to_pure_dict(sown)["blocks"]
+    return logits, {int(i): _first(tree) for i, tree in sown.items()}
+
+
+def _first(tree):
+    """sow keeps a tuple of every value sown under a name; each is sown once per pass."""
+    return jax.tree.map(lambda t: t[0], tree, is_leaf=lambda x: isinstance(x, tuple))
+
+
+def activation_stats(model_cfg, sown: dict) -> dict:
+    """Per-block scalars from a recording forward pass's activations."""
     out = {}
-    for i, (block, tap) in enumerate(zip(model.blocks, taps)):
-        name = f"blocks.{i}"
-        h = tap["out"].astype(jnp.float32)
+    for i in sorted(sown):
+        name, rec = f"blocks.{i}", sown[i]
+        h = rec["out"].astype(jnp.float32)
         out[f"{PREFIX}act_mean/{name}"] = jnp.mean(h)
         out[f"{PREFIX}act_std/{name}"] = jnp.std(h)
-        out[f"{PREFIX}attn_entropy/{name}"] = attention_entropy(block, tap["attn_in"])
-        if block.mlp.activation == "relu":
-            out[f"{PREFIX}dead_frac/{name}"] = dead_fraction(block.mlp.hidden(tap["mlp_in"]))
+        out[f"{PREFIX}attn_entropy/{name}"] = jnp.mean(entropy(rec["attn"]["attn_probs"]))
+        if model_cfg.activation == "relu":
+            out[f"{PREFIX}dead_frac/{name}"] = dead_fraction(rec["mlp"]["mlp_hidden"])
     return out
 
 
 def forward_stats(model, tokens_BxT) -> dict:
     """Activation diagnostics of one forward pass (no gradients)."""
-    taps = []
-    model(tokens_BxT, taps=taps)
-    return activation_stats(model, taps)
+    _, sown = recorded_forward(model, tokens_BxT)
+    return activation_stats(model.cfg, sown)
 
 
 def make_diagnostics_step(graphdef, tx):
@@ -86,19 +91,18 @@ def make_diagnostics_step(graphdef, tx):
     def diagnostics(state, x, y):
         params = state["params"]
 
-        def loss_fn(p):
-            taps = []
-            logits = nnx.merge(graphdef, p)(x, taps=taps)
-            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), taps
+        def loss_and_sown(p):
+            logits, sown = recorded_forward(nnx.merge(graphdef, p), x)
+            return steps.token_losses(logits, y).mean(), sown
 
-        (_, taps), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        (_, sown), grads = jax.value_and_grad(loss_and_sown, has_aux=True)(params)
         updates, _ = tx.update(grads, state["opt_state"], params)
         out = {}
         weight_norms, update_norms = group_norms(params), group_norms(updates)
         for name, g in group_norms(grads).items():
             out[f"{PREFIX}grad_norm/{name}"] = g
             out[f"{PREFIX}update_ratio/{name}"] = update_norms[name] / jnp.maximum(weight_norms[name], 1e-12)
-        out.update(activation_stats(nnx.merge(graphdef, params), taps))
+        out.update(activation_stats(nnx.merge(graphdef, params).cfg, sown))
         return out
 
     return jax.jit(diagnostics)

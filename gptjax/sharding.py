@@ -72,16 +72,16 @@ def describe_devices(devices=None) -> str:
 
 
 def make_mesh(mesh_cfg, devices=None) -> Mesh:
-    """The (data, fsdp, tensor) mesh over `devices` (default: all devices of all processes)."""
+    """The (data, fsdp, tensor) mesh over `devices` (default: all devices of all processes).
+
+    `jax.make_mesh` orders the devices by the hardware's topology (on TPU,
+    tensor groups on neighbouring chips); the axes are Auto, so XLA
+    propagates shardings between the ones we pin.
+    """
     devices = list(devices or jax.devices())
     shape = mesh_shape(mesh_cfg, len(devices), devices)
-    try:  # topology-aware order on TPU (tensor groups on neighbouring chips)
-        from jax.experimental import mesh_utils
-
-        grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
-    except (ValueError, NotImplementedError, AssertionError):
-        grid = np.asarray(devices).reshape(shape)
-    return Mesh(grid, MESH_AXES)
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
+                         devices=devices)
 
 
 def data_parallel_size(mesh: Mesh) -> int:
