@@ -28,7 +28,8 @@ from gptjax import model as model_lib
 from gptjax import runtime
 from gptjax import sharding
 from gptjax import faults
-from gptjax.checkpoint import Checkpointer, CheckpointWriteError, abstract_like, check_resume_config
+from gptjax.checkpoint import Checkpointer, CheckpointWriteError, abstract_like
+from gptjax.config import check_resume_config
 from gptjax.errors import UserError, exit_with
 from gptjax.metrics import MetricsLog, bits_per_byte, flops_per_token, peak_flops
 

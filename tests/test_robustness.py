@@ -21,7 +21,8 @@ import pytest
 from conftest import ROOT, small_config
 from gptjax import data as data_lib
 from gptjax import faults, sharding
-from gptjax.checkpoint import Checkpointer, abstract_like, check_resume_config
+from gptjax.checkpoint import Checkpointer, abstract_like
+from gptjax.config import check_resume_config
 from gptjax.errors import UserError
 from gptjax.metrics import read_metrics
 from gptjax.train import Run
