@@ -17,7 +17,7 @@ a context that is half full (prompt of context/2 tokens).
 from __future__ import annotations
 
 import json
-import tempfile
+import sys
 import time
 
 import jax
@@ -27,13 +27,16 @@ from absl import app, flags, logging
 from flax import nnx
 
 from gptjax import config as config_lib
+from gptjax import kernels
 from gptjax import model as model_lib
 from gptjax import sample as sample_lib
 from gptjax import runtime
-from gptjax import train as train_lib
 from gptjax.errors import UserError, exit_with
 
-_CONFIG = train_lib._CONFIG  # the same --config flag (and overrides) as training
+from ml_collections import config_flags
+
+# The same --config flag (and overrides) as training.
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Run config file (optionally FILE:SIZE).")
 _STEPS = flags.DEFINE_integer("steps", 100, "Timed optimizer steps (rounded up to whole calls).")
 _WARMUP = flags.DEFINE_integer("warmup", 10, "Untimed optimizer steps after compilation.")
 _CACHE = flags.DEFINE_bool("compilation_cache", False,
@@ -102,76 +105,103 @@ def bench_sample(contexts=(256, 1024), n_layer: int = 6, n_embd: int = 384, voca
 
 
 
-def bench_train(cfg, steps: int = 100, warmup: int = 10) -> dict:
-    """Time the compiled train step of `cfg`; returns the figures as a dict."""
-    import jax
-    import numpy as np
+def bench_train(cfg, steps: int = 100, warmup: int = 10, progress=None) -> dict:
+    """Time the compiled train step of `cfg` (built by `steps.py`, no workdir); returns the figures.
 
-    from gptjax import model as model_lib
+    `progress(msg)` gets a line per timing window once a benchmark has run
+    for more than a few seconds, so a long one (a big config on a CPU) shows
+    that it is alive.
+    """
+    from gptjax import data as data_lib
     from gptjax import sharding
-    with tempfile.TemporaryDirectory() as workdir:
-        with cfg.unlocked():
-            cfg.train.eval_steps = 1  # the bench never evaluates; keep set-up short
-        run = train_lib.Run(cfg, workdir, quiet=True)
-        k = cfg.train.steps_per_call
-        calls, warm_calls = -(-steps // k), -(-warmup // k)
-        state = run.state
-        x, y = run.train_batches(0, k)
+    from gptjax import steps as steps_lib
+    from gptjax.flops import flops_per_token, peak_flops
 
+    config_lib.validate(cfg)
+    data = data_lib.prepare(cfg, None, log=lambda *_: None)  # real batches; nothing written but caches
+    with cfg.unlocked():
+        cfg.model.vocab_size = data.tokenizer.vocab_size
+    m, t = cfg.model, cfg.train
+    data_lib.check_length(data.train_ids, m.block_size, "training")
+    mesh = sharding.make_mesh(cfg.mesh)
+    sharding.check_batch(t.batch_size, mesh)
+    sharding.check_model(m, mesh)
+    setup = steps_lib.init_train_state(cfg, mesh)
+    k = t.steps_per_call
+    calls, warm_calls = -(-steps // k), -(-warmup // k)
+    rows = sharding.process_rows(mesh, t.batch_size)
+
+    def batches(step):
+        xy = [data_lib.get_batch(data.train_ids, m.block_size, t.batch_size, t.seed, s, rows=rows)
+              for s in range(step, step + k)]
+        if k == 1:
+            return tuple(sharding.to_global(a, mesh, t.batch_size) for a in xy[0])
+        return tuple(sharding.to_global(np.stack(a), mesh, t.batch_size, stacked=True) for a in zip(*xy))
+
+    state = setup.state
+    x, y = batches(0)
+    t0 = time.perf_counter()
+    step = steps_lib.make_train_step(setup, cfg, steps_per_call=k).lower(state, x, y).compile()
+    compile_s = time.perf_counter() - t0
+
+    for i in range(warm_calls):
+        state, out = step(state, x, y)
+        x, y = batches((i + 1) * k)
+    jax.block_until_ready(state)
+
+    # Time windows of several calls without a host sync inside them, as the
+    # training loop runs; the median window is robust to stray pauses.
+    window = max(1, calls // 10)
+    ms_per_step = []
+    done = warm_calls * k
+    started = time.perf_counter()
+    n_windows = -(-calls // window)
+    for w in range(n_windows):
         t0 = time.perf_counter()
-        step = run.step_fn(k).lower(state, x, y).compile()
-        compile_s = time.perf_counter() - t0
-
-        for i in range(warm_calls):
+        for _ in range(window):
             state, out = step(state, x, y)
-            x, y = run.train_batches((i + 1) * k, k)
-        jax.block_until_ready(state)
+            done += k
+            x, y = batches(done)  # prepared while the step runs
+        jax.block_until_ready((state, out))
+        ms_per_step.append(1000 * (time.perf_counter() - t0) / (window * k))
+        if progress is not None and time.perf_counter() - started > 5:
+            progress(f"bench: window {w + 1}/{n_windows}: {ms_per_step[-1]:.1f} ms/step")
+    timed_steps = len(ms_per_step) * window * k
 
-        # Time windows of several calls without a host sync inside them, as the
-        # training loop runs; the median window is robust to stray pauses.
-        window = max(1, calls // 10)
-        ms_per_step = []
-        done = warm_calls * k
-        for _ in range(-(-calls // window)):
-            t0 = time.perf_counter()
-            for _ in range(window):
-                state, out = step(state, x, y)
-                done += k
-                x, y = run.train_batches(done, k)  # prepared while the step runs
-            jax.block_until_ready((state, out))
-            ms_per_step.append(1000 * (time.perf_counter() - t0) / (window * k))
-        timed_steps = len(ms_per_step) * window * k
-
-        ms = float(np.median(ms_per_step))
-        tokens_per_s = run.tokens_per_step / (ms / 1000)
-        achieved = tokens_per_s * run.flops_per_token
-        devices = list(run.mesh.devices.flat)
-        mem = devices[0].memory_stats() or {}
-        n_params = model_lib.count_params(state["params"])
-        m, t = cfg.model, cfg.train
-        return {
-            "config": {"n_layer": m.n_layer, "n_head": m.n_head, "n_embd": m.n_embd, "block_size": m.block_size,
-                       "batch_size": t.batch_size, "dtype": m.dtype, "param_dtype": m.param_dtype,
-                       "attention": model_lib.resolve_attention(m.attention, m.dtype, m.n_embd // m.n_head),
-                       "matmul": model_lib.resolve_matmul(m.matmul), "remat": m.remat, "grad_accum": t.grad_accum, "steps_per_call": k},
-            "devices": len(devices),
-            "device_kind": devices[0].device_kind,
-            "platform": devices[0].platform,
-            "mesh": dict(run.mesh.shape),
-            "params": n_params,
-            "tokens_per_step": run.tokens_per_step,
-            "compile_s": round(compile_s, 3),
-            "timed_steps": timed_steps,
-            "ms_per_step": round(ms, 3),
-            "tokens_per_s": round(tokens_per_s, 1),
-            "flops_per_token": run.flops_per_token,
-            "tflops": round(achieved / 1e12, 4),
-            "peak_tflops": round(run.peak_flops / 1e12, 4) if run.peak_flops else None,
-            "peak_source": run.peak_source,
-            "mfu": round(achieved / run.peak_flops, 4) if run.peak_flops else None,
-            "peak_memory_bytes": mem.get("peak_bytes_in_use"),
-            "sharding": str(sharding.describe_devices(devices)),
-        }
+    ms = float(np.median(ms_per_step))
+    tokens_per_step = t.batch_size * m.block_size
+    tokens_per_s = tokens_per_step / (ms / 1000)
+    counts = model_lib.param_counts(state["params"])
+    fpt = flops_per_token(m, sum(counts.values()), counts.get("wpe", 0))
+    achieved = tokens_per_s * fpt
+    devices = list(mesh.devices.flat)
+    peak, peak_source = peak_flops(devices)
+    mem = devices[0].memory_stats() or {}
+    return {
+        "config": {"n_layer": m.n_layer, "n_head": m.n_head, "n_embd": m.n_embd, "block_size": m.block_size,
+                   "batch_size": t.batch_size, "dtype": m.dtype, "param_dtype": m.param_dtype,
+                   "attention": kernels.resolve_attention(m.attention, m.dtype, m.n_embd // m.n_head),
+                   "matmul": kernels.resolve_matmul(m.matmul), "remat": m.remat, "grad_accum": t.grad_accum,
+                   "steps_per_call": k},
+        "devices": len(devices),
+        "device_kind": devices[0].device_kind,
+        "platform": devices[0].platform,
+        "mesh": dict(mesh.shape),
+        "params": sum(counts.values()),
+        "tokens_per_step": tokens_per_step,
+        "compile_s": round(compile_s, 3),
+        "timed_steps": timed_steps,
+        "ms_per_step": round(ms, 3),
+        "ms_per_step_spread": [round(min(ms_per_step), 3), round(max(ms_per_step), 3)],
+        "tokens_per_s": round(tokens_per_s, 1),
+        "flops_per_token": fpt,
+        "tflops": round(achieved / 1e12, 4),
+        "peak_tflops": round(peak / 1e12, 4) if peak else None,
+        "peak_source": peak_source,
+        "mfu": round(achieved / peak, 4) if peak else None,
+        "peak_memory_bytes": mem.get("peak_bytes_in_use"),
+        "sharding": str(sharding.describe_devices(devices)),
+    }
 
 
 def main(argv):
@@ -188,14 +218,15 @@ def main(argv):
             out = bench_sample([int(c) for c in F.sample_contexts], F.sample_layers, F.sample_width,
                                F.sample_vocab, F.sample_tokens, F.sample_tokens_nocache, F.sample_repeats)
         else:
-            config_lib.validate(cfg)
-            out = bench_train(cfg, _STEPS.value, _WARMUP.value)
+            out = bench_train(cfg, _STEPS.value, _WARMUP.value,
+                              progress=lambda msg: print(msg, file=sys.stderr, flush=True))
         print(json.dumps(out), flush=True)
     except (UserError, ValueError) as e:
         exit_with(UserError(str(e)))
 
 
 def run_main():
+    config_lib.find_config_files(sys.argv)
     app.run(main, flags_parser=lambda argv: config_lib.parse_flags_or_exit(argv, flags.FLAGS))
 
 

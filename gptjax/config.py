@@ -9,6 +9,7 @@ line overrides single keys (`--config.model.n_layer=6`).
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import ml_collections
@@ -262,6 +263,40 @@ def _merge(c: ml_collections.ConfigDict, d: dict) -> None:
                 c[k] = v
 
 
+CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where configs/ lives in a checkout
+
+
+def find_config_files(argv: list[str], default: str | None = "configs/tiny.py") -> None:
+    """Make `--config FILE[:SIZE]` work from any folder; a file that is nowhere is one clear error.
+
+    A relative FILE is looked up in the current folder first, then in the
+    checkout gptjax runs from (so `--config configs/tiny.py` works anywhere
+    after `pip install -e .`). Rewrites `argv` in place; with no --config
+    flag, `default` is resolved the same way.
+    """
+    at = next((i for i, a in enumerate(argv) if a == "--config" or a.startswith("--config=")), None)
+    if at is None:
+        if default is None or os.path.exists(default):
+            return
+        argv.insert(1, f"--config={default}")
+        at = 1
+    if argv[at] == "--config":
+        if at + 1 >= len(argv):
+            return  # absl reports the missing value
+        argv[at:at + 2] = [f"--config={argv[at + 1]}"]
+    value = argv[at].split("=", 1)[1]
+    path, sep, size = value.partition(":")
+    if os.path.exists(path):
+        return
+    there = os.path.join(CHECKOUT, path)
+    if not os.path.isabs(path) and os.path.exists(there):
+        argv[at] = f"--config={there}{sep}{size}"
+        return
+    print(f"error: config file {path} does not exist; give a file such as configs/tiny.py "
+          f"(see README 'Configuration').", file=sys.stderr)
+    sys.exit(2)
+
+
 def parse_flags_or_exit(argv: list[str], flag_values) -> list[str]:
     """absl flags parser that turns bad overrides into one clear line.
 
@@ -273,6 +308,10 @@ def parse_flags_or_exit(argv: list[str], flag_values) -> list[str]:
 
     try:
         return flag_values(argv)
+    except SystemExit as e:  # absl's --help / --helpfull print the flags, then exit 1: asking for help is no error
+        if any(a in ("--help", "-h", "--helpfull", "-?", "--helpshort") for a in argv[1:]):
+            sys.exit(0)
+        raise
     except flags.Error as e:
         msg = str(e)
         if "Traceback (most recent call last)" in msg:  # the config file's get_config raised: keep its message

@@ -16,7 +16,10 @@ spelling a file name itself.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import os
+
+from gptjax.errors import UserError
 
 CONFIG_FILE = "config.json"
 TOKENIZER_DIR = "tokenizer"
@@ -30,6 +33,7 @@ SAMPLES_FILE = "samples.txt"
 TENSORBOARD_DIR = "tensorboard"
 QUANTIZED_META = "quantization.json"
 QUANTIZED_PARAMS = "quantized"
+LOCK_FILE = "train.lock"  # held by the live trainer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +86,10 @@ class Workdir:
         return self._join(TENSORBOARD_DIR)
 
     @property
+    def lock(self) -> str:
+        return self._join(LOCK_FILE)
+
+    @property
     def quantized_meta(self) -> str:
         return self._join(QUANTIZED_META)
 
@@ -93,3 +101,41 @@ class Workdir:
         """True when checkpoints/ holds at least one step folder: a run here is worth protecting."""
         d = self.checkpoints
         return os.path.isdir(d) and any(name.isdigit() for name in os.listdir(d))
+
+
+# ---- the live trainer's lock
+
+class TrainLock:
+    """An exclusive lock on a workdir, held by the one trainer writing it.
+
+    `flock` on WORKDIR/train.lock: the kernel releases it when the process
+    ends in any way (a crash or `kill -9` included), so a stale lock file
+    never blocks a restart. Readers (sampling, eval, plots) never take it.
+    """
+
+    def __init__(self, wd: Workdir):
+        self.wd = wd
+        self.fd: int | None = None
+
+    def acquire(self) -> "TrainLock":
+        os.makedirs(self.wd.root, exist_ok=True)
+        fd = os.open(self.wd.lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise UserError(f"{self.wd.root} is being trained by a live process (pid {holder}); "
+                            "wait for it to finish, stop it, or give this run another --workdir.") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor drops the lock
+            self.fd = None
+
+    def __del__(self):
+        self.release()
