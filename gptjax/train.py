@@ -28,6 +28,7 @@ from gptjax import model as model_lib
 from gptjax import runtime
 from gptjax import sharding
 from gptjax import faults
+from gptjax import workdir as workdir_lib
 from gptjax.checkpoint import Checkpointer, CheckpointWriteError, abstract_like, check_resume_config
 from gptjax.errors import UserError, exit_with
 from gptjax.metrics import MetricsLog, bits_per_byte, flops_per_token, peak_flops
@@ -48,16 +49,16 @@ _QUIET = flags.DEFINE_bool("quiet", False, "Print nothing but errors.")
 # ----------------------------------------------------------------------------- data
 
 def prepare_data(cfg, workdir: str, log=print):
-    """Tokenizer (restored from the workdir when there is one) and memory-mapped id arrays."""
-    # Process 0 builds and writes the tokenizer and token caches; the others then find them.
+    """Tokenizer (the workdir's own when a run there keeps it) and memory-mapped id arrays."""
+    # Process 0 builds the tokenizer and token caches; the others then find them.
     if not sharding.is_main_process():
         sharding.sync("gptjax: data prepared")
-    p = data_lib.prepare(cfg, workdir, log=log)
+    p = data_lib.prepare(cfg, *workdir_lib.kept_tokenizer(workdir_lib.Workdir(workdir)), log=log)
     if sharding.is_main_process():
         sharding.sync("gptjax: data prepared")
     data_lib.check_length(p.train_ids, cfg.model.block_size, "training")
     data_lib.check_length(p.val_ids, cfg.model.block_size, "validation")
-    return p.tokenizer, p.train_ids, p.val_ids
+    return p
 
 
 def make_eval_sum_step(graphdef, params_sh, batch_sh, scalar_sh):
@@ -207,7 +208,8 @@ class Run:
         self.console = metrics_lib.Console(quiet=quiet, enabled=jax.process_index() == 0)
         os.makedirs(workdir, exist_ok=True)
         self.config_changes = self._check_config_against_workdir()  # before anything is written
-        self.tokenizer, self.train_ids, self.val_ids = prepare_data(cfg, workdir, log=self.log)
+        prepared = prepare_data(cfg, workdir, log=self.log)
+        self.tokenizer, self.train_ids, self.val_ids = prepared.tokenizer, prepared.train_ids, prepared.val_ids
         with cfg.unlocked():
             cfg.model.vocab_size = self.tokenizer.vocab_size
         self.sample_prompt = encode_sample_prompt(self.tokenizer, cfg.train.sample_prompt, cfg.model.block_size) \
@@ -215,6 +217,7 @@ class Run:
         if sharding.is_main_process():
             with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
                 f.write(config_lib.to_json(cfg))
+            workdir_lib.save_tokenizer(workdir_lib.Workdir(workdir), prepared.tokenizer, prepared.data_id)
 
         t = cfg.train
         self.mesh = sharding.make_mesh(cfg.mesh, devices)
