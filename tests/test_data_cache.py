@@ -3,18 +3,12 @@ import os
 import numpy as np
 import pytest
 
-from conftest import load_config, shared_data_dir, small_config
+from conftest import STORIES, load_config, shared_data_dir, small_config, write_folder
 from gptjax import workdir as workdir_lib
 from gptjax.data import cache, sources
 from gptjax.errors import UserError
 from gptjax.tokenizers import EOT, CharTokenizer
 
-STORIES = [
-    "Tom had a red ball. He threw it to his dog, and the dog ran after it.",
-    "Mia found a shell on the beach.\nShe put it in her pocket and smiled.",
-    "The cat sat on the mat. It was warm and sleepy in the sun.",
-    "Ben built a tall tower of blocks. It fell, and he laughed and built it again.",
-]
 QUIET = dict(log=lambda *_: None)
 
 
@@ -30,13 +24,6 @@ def data_config(path, **data):
     for k, v in data.items():
         c.data[k] = v
     return c
-
-
-def write_folder(folder, texts):
-    folder.mkdir(parents=True, exist_ok=True)
-    for i, t in enumerate(texts):
-        (folder / f"doc{i}.txt").write_text(t * 8, encoding="utf-8")
-    return folder
 
 
 def cached_token_files(root):

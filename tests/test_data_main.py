@@ -7,23 +7,9 @@ import sys
 
 import pytest
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, STORIES, run_cli, write_folder
 
 pytestmark = pytest.mark.slow
-
-STORIES = [
-    "Tom had a red ball. He threw it to his dog, and the dog ran after it.",
-    "Mia found a shell on the beach.\nShe put it in her pocket and smiled.",
-    "The cat sat on the mat. It was warm and sleepy in the sun.",
-]
-
-
-def write_folder(folder, texts):
-    folder.mkdir(parents=True, exist_ok=True)
-    for i, t in enumerate(texts):
-        (folder / f"doc{i}.txt").write_text(t * 8, encoding="utf-8")
-    return folder
-
 
 def test_counts_are_printed_and_only_our_lines_reach_a_log(tmp_path):
     env = {"XDG_CACHE_HOME": str(tmp_path / "xdg")}

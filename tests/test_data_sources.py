@@ -4,19 +4,11 @@ import os
 
 import pytest
 
-from conftest import shared_data_dir, small_config
+from conftest import STORIES, shared_data_dir, small_config
 from gptjax import config as config_lib
 from gptjax.data import sources
 from gptjax.errors import UserError
 from gptjax.tokenizers import EOT
-
-STORIES = [
-    "Tom had a red ball. He threw it to his dog, and the dog ran after it.",
-    "Mia found a shell on the beach.\nShe put it in her pocket and smiled.",
-    "The cat sat on the mat. It was warm and sleepy in the sun.",
-    "Ben built a tall tower of blocks. It fell, and he laughed and built it again.",
-]
-
 
 def data_section(**data):
     c = small_config("", "unused")

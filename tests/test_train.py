@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from conftest import run_cli, small_config
+from conftest import STORIES, run_cli, small_config, write_folder
 from gptjax import data as data_lib
 from gptjax import config as config_lib
 from gptjax.errors import UserError
@@ -111,13 +111,6 @@ def test_a_failed_data_check_leaves_no_tokenizer_in_the_workdir(text_file, tmp_p
 
 # ----------------------------------------------------------------------------- command lines
 
-STORIES = [
-    "Tom had a red ball. He threw it to his dog, and the dog ran after it.",
-    "Mia found a shell on the beach.\nShe put it in her pocket and smiled.",
-    "The cat sat on the mat. It was warm and sleepy in the sun.",
-    "Ben built a tall tower of blocks. It fell, and he laughed and built it again.",
-]
-
 CLI_MODEL = ["--config.model.n_layer=2", "--config.model.n_head=2", "--config.model.n_embd=32",
              "--config.model.block_size=16", "--config.train.batch_size=4", "--config.train.steps=6",
              "--config.train.eval_every=6", "--config.train.eval_steps=2", "--config.train.warmup_steps=1"]
@@ -126,10 +119,7 @@ CLI_MODEL = ["--config.model.n_layer=2", "--config.model.n_head=2", "--config.mo
 @pytest.mark.slow
 def test_text_runs_on_a_folder_and_on_jsonl_with_a_custom_field(tmp_path):
     env = {"XDG_CACHE_HOME": str(tmp_path / "xdg")}
-    folder = tmp_path / "mytexts"
-    folder.mkdir()
-    for i, story in enumerate(STORIES):
-        (folder / f"doc{i}.txt").write_text(story * 8, encoding="utf-8")
+    folder = write_folder(tmp_path / "mytexts")
     proc = run_cli("gptjax.train", "--config", "configs/tiny.py", f"--workdir={tmp_path / 'a'}", *CLI_MODEL,
                    "--config.data.dataset=text", f"--config.data.path={folder}", env=env)
     assert proc.returncode == 0, proc.stderr
