@@ -22,6 +22,7 @@ from flax import nnx
 from gptjax import data as data_lib
 from gptjax.data import eval_windows
 from gptjax import quantize as quantize_lib
+from gptjax import workdir as workdir_lib
 from gptjax.errors import UserError, exit_with
 from gptjax.metrics import bits_per_byte
 from gptjax.sample import load_run
@@ -29,12 +30,9 @@ from gptjax.sample import load_run
 
 def validation_ids(run, log) -> np.ndarray:
     """The validation split encoded with the run's own tokenizer (from the token cache when there)."""
-    import os
-
     # A training workdir keeps its tokenizer; a --save_quantized folder has no checkpoints/,
-    # so its data is prepared without a workdir and must come out with the same tokenizer.
-    workdir = run.workdir if os.path.isdir(os.path.join(run.workdir, "checkpoints")) else None
-    prepared = data_lib.prepare(run.cfg, workdir, log=log)
+    # so its data is prepared without one and must come out with the same tokenizer.
+    prepared = data_lib.prepare(run.cfg, *workdir_lib.kept_tokenizer(workdir_lib.Workdir(run.workdir)), log=log)
     if prepared.tokenizer.fingerprint() != run.tokenizer.fingerprint():
         raise UserError(f"the data of {run.workdir}'s config now tokenizes differently from its saved tokenizer; "
                         "evaluate the training workdir instead.")

@@ -66,6 +66,19 @@ def cache_dir() -> str:
     return os.path.join(root, "gptjax")
 
 
+DATA_DIR_ENV = "GPTJAX_DATA_DIR"  # a folder of local copies of datasets (and GPT-2's BPE ranks)
+
+
+def data_file(*parts: str) -> str | None:
+    """The absolute path of $GPTJAX_DATA_DIR/parts..., or None when it is not there."""
+    data_dir = os.environ.get(DATA_DIR_ENV)
+    if data_dir:
+        path = os.path.join(data_dir, *parts)
+        if os.path.exists(path):
+            return os.path.abspath(path)
+    return None
+
+
 def compilation_cache_dir() -> str:
     return os.path.join(cache_dir(), "jax")
 

@@ -46,6 +46,7 @@ class RunData:
     train_ids: np.ndarray
     val_ids: np.ndarray
     token_bytes: np.ndarray  # UTF-8 bytes each token id spells: bits per byte
+    data_id: dict  # what the tokenizer was built from (saved beside it in the workdir)
 
 
 class Evaluator:
@@ -355,10 +356,9 @@ def _build(cfg, wd: Workdir, quiet: bool, devices, main: bool, lock) -> Trainer:
     mesh = sharding.make_mesh(cfg.mesh, devices)
     sharding.check_batch(cfg.train.batch_size, mesh)
     sharding.check_model(cfg.model, mesh)
-    protected = wd.has_checkpoints()
-    changes = _check_resume(cfg, wd) if protected else []
+    changes = _check_resume(cfg, wd) if wd.has_checkpoints() else []
     console = metrics_lib.Console(quiet=quiet, enabled=main)
-    data = prepare_data(cfg, wd, protected, console.say)
+    data = prepare_data(cfg, wd, console.say)
     with cfg.unlocked():
         cfg.model.vocab_size = data.tokenizer.vocab_size
     # A prompt the tokenizer cannot encode fails here, before training.
@@ -370,6 +370,7 @@ def _build(cfg, wd: Workdir, quiet: bool, devices, main: bool, lock) -> Trainer:
         lock.acquire()
     if main:
         workdir_lib.write_config(wd, cfg)
+        workdir_lib.save_tokenizer(wd, data.tokenizer, data.data_id)
     setup = steps_lib.init_train_state(cfg, mesh)
     ckpt = Checkpointer(wd.root, keep=cfg.train.keep_checkpoints)
     log = metrics_lib.MetricsLog(wd.root, enabled=main, sinks=metrics_lib.make_sinks(
@@ -387,18 +388,18 @@ def _check_resume(cfg, wd: Workdir) -> list[str]:
     return config_lib.check_resume_config(saved, cfg.to_dict(), cfg.train.allow_config_change, wd.root)
 
 
-def prepare_data(cfg, wd: Workdir, protected: bool, log) -> RunData:
+def prepare_data(cfg, wd: Workdir, log) -> RunData:
     """Tokenizer (the workdir's own when it has one) and memory-mapped id arrays; writes nothing in `wd`."""
     # Process 0 builds the tokenizer and token caches; the others then find them.
     if not sharding.is_main_process():
         sharding.sync("gptjax: data prepared")
-    p = data_lib.prepare(cfg, wd.root, log=log)
+    p = data_lib.prepare(cfg, *workdir_lib.kept_tokenizer(wd), log=log)
     if sharding.is_main_process():
         sharding.sync("gptjax: data prepared")
     data_lib.check_length(p.train_ids, cfg.model.block_size, "training")
     data_lib.check_length(p.val_ids, cfg.model.block_size, "validation")
     return RunData(cfg.data.path or cfg.data.dataset, p.tokenizer, p.train_ids, p.val_ids,
-                   np.asarray(p.tokenizer.token_bytes()))
+                   np.asarray(p.tokenizer.token_bytes()), p.data_id)
 
 
 def _restore(ckpt: Checkpointer, setup: steps_lib.TrainSetup, log) -> int | None:

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
+import json
 import os
 
+from gptjax import tokenizers as tok_lib
 from gptjax.errors import UserError
 
 CONFIG_FILE = "config.json"
@@ -139,3 +141,32 @@ class TrainLock:
 
     def __del__(self):
         self.release()
+
+
+# ---- tokenizer and data identity
+
+def kept_tokenizer(wd: Workdir) -> tuple[str | None, dict | None]:
+    """(tokenizer folder, data identity) that a run here must keep, or (None, None).
+
+    A run with checkpoints keeps the tokenizer it saved (resume, sampling, eval);
+    a workdir without one holds no run to protect, and its tokenizer is rebuilt.
+    The data identity is None for runs saved before it was recorded.
+    """
+    if not (wd.has_checkpoints() and tok_lib.is_saved(wd.tokenizer)):
+        return None, None
+    if not os.path.exists(wd.data_id):
+        return wd.tokenizer, None
+    with open(wd.data_id, encoding="utf-8") as f:
+        return wd.tokenizer, json.load(f)
+
+
+def save_tokenizer(wd: Workdir, tokenizer: tok_lib.Tokenizer, data_id: dict) -> None:
+    """Save the run's tokenizer and what it was built for; a kept tokenizer is left as it is."""
+    if kept_tokenizer(wd)[0]:
+        return
+    os.makedirs(wd.tokenizer, exist_ok=True)
+    tmp = wd.data_id + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data_id, f, ensure_ascii=False)
+    os.replace(tmp, wd.data_id)
+    tokenizer.save(wd.tokenizer)  # its tokenizer.json, written last, marks the folder complete

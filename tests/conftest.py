@@ -30,6 +30,22 @@ SAMPLE_TEXT = (
 ) * 40
 
 
+STORIES = [  # four short documents, for the tests of document sources
+    "Tom had a red ball. He threw it to his dog, and the dog ran after it.",
+    "Mia found a shell on the beach.\nShe put it in her pocket and smiled.",
+    "The cat sat on the mat. It was warm and sleepy in the sun.",
+    "Ben built a tall tower of blocks. It fell, and he laughed and built it again.",
+]
+
+
+def write_folder(folder, texts=STORIES):
+    """One .txt file per text (each repeated 8 times) in `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, t in enumerate(texts):
+        (folder / f"doc{i}.txt").write_text(t * 8, encoding="utf-8")
+    return folder
+
+
 @pytest.fixture
 def text_file(tmp_path):
     path = tmp_path / "corpus.txt"

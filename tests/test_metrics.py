@@ -207,3 +207,12 @@ def test_console_bar_on_a_terminal_plain_lines_otherwise_nothing_when_quiet():
     c.say("hello")
     c.close()
     assert quiet.getvalue() == ""
+
+
+def test_bits_per_byte_by_hand():
+    from gptjax.metrics import bits_per_byte
+
+    # One nat per token is 1/ln2 bits; 4 tokens spelling 2 bytes: 2/ln2 bits per byte.
+    assert bits_per_byte(1.0, 4, 2) == pytest.approx(2 / math.log(2))
+    # A char model of "héllo": 5 tokens, 6 UTF-8 bytes, loss ln 2 (one bit) per token -> 5/6 bits per byte.
+    assert bits_per_byte(math.log(2), 5, len("héllo".encode())) == pytest.approx(5 / 6)

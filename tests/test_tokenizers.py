@@ -1,7 +1,12 @@
+import shutil
+
+import ml_collections
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from conftest import shared_data_dir
+from gptjax import tokenizers as tok_lib
 from gptjax.errors import UserError
 from gptjax.tokenizers import CharTokenizer, load_tokenizer
 
@@ -115,11 +120,26 @@ def test_char_token_bytes_count_utf8():
 
 # ----------------------------------------------------------------------------- GPT-2 (tiktoken)
 
+needs_gpt2_file = pytest.mark.skipif(shared_data_dir() is None,
+                                     reason="GPTJAX_DATA_DIR is not set to the shared data folder (gpt2/)")
+
+
 def gpt2_or_skip():
     try:
-        return GPT2Tokenizer()
+        return GPT2Tokenizer.load()
     except UserError as e:
-        pytest.skip(f"tiktoken's GPT-2 encoding cannot be loaded here (offline, not cached): {e}")
+        pytest.skip(f"GPT-2's BPE cannot be loaded here (no GPTJAX_DATA_DIR copy, offline, not cached): {e}")
+
+
+@pytest.fixture
+def offline_tiktoken(monkeypatch):
+    """tiktoken's own download fails, as it does without a network."""
+    import tiktoken
+
+    def offline(name):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(tiktoken, "get_encoding", offline)
 
 
 @settings(max_examples=50, deadline=None)
@@ -137,10 +157,100 @@ def test_gpt2_ids_and_end_of_text(tmp_path):
     assert load_tokenizer(str(tmp_path)).encode("Hello world").tolist() == [15496, 995]
 
 
-def test_gpt2_unavailable_is_one_clear_error():
-    try:
+@needs_gpt2_file
+def test_gpt2_loads_from_the_data_dir_without_the_network(tmp_path, monkeypatch, offline_tiktoken):
+    (tmp_path / "gpt2").mkdir()
+    shutil.copy(f"{shared_data_dir()}/gpt2/r50k_base.tiktoken", tmp_path / "gpt2")
+    monkeypatch.setenv("GPTJAX_DATA_DIR", str(tmp_path))
+    tok = GPT2Tokenizer.load()
+    assert tok.encode("Hello world").tolist() == [15496, 995]
+    assert tok.vocab_size == 50257 and tok.eot_id == 50256
+    assert tok.fingerprint() == "gpt2:tiktoken-gpt2-50257"  # token caches made with tiktoken's own copy still hit
+    d = ml_collections.ConfigDict({"tokenizer": "gpt2"})
+    assert tok_lib.build_tokenizer(d, (), (), docs=True).encode("Hello world").tolist() == [15496, 995]
+
+
+def test_gpt2_unavailable_is_one_clear_error(tmp_path, monkeypatch, offline_tiktoken):
+    monkeypatch.setenv("GPTJAX_DATA_DIR", str(tmp_path))  # no gpt2/ in it
+    with pytest.raises(UserError) as e:
         load_gpt2_encoding()
-    except UserError as e:
-        assert "TIKTOKEN_CACHE_DIR" in str(e) and "sentencepiece" in str(e)
-    else:
-        pytest.skip("tiktoken's GPT-2 encoding is available here, so the offline error cannot be shown")
+    msg = str(e.value)
+    assert "GPTJAX_DATA_DIR" in msg and "gpt2/r50k_base.tiktoken" in msg and "sentencepiece" in msg
+    assert "TIKTOKEN_CACHE_DIR" in msg and msg.count(". ") == 0 and "\n" not in msg  # one sentence
+
+
+def test_a_damaged_gpt2_file_is_refused(tmp_path, monkeypatch, offline_tiktoken):
+    (tmp_path / "gpt2").mkdir()
+    (tmp_path / "gpt2" / "r50k_base.tiktoken").write_bytes(b"SGVsbG8= 0\n")
+    monkeypatch.setenv("GPTJAX_DATA_DIR", str(tmp_path))
+    with pytest.raises(UserError, match="is not GPT-2's BPE ranks"):
+        load_gpt2_encoding()
+
+
+def test_gpt2_mergeable_ranks_are_its_bpe():
+    import tiktoken
+    from tiktoken_ext.openai_public import r50k_pat_str
+
+    tok = gpt2_or_skip()
+    ranks = tok.mergeable_ranks()
+    assert len(ranks) == 50256 and ranks[b"Hello"] == 15496 and ranks[b" world"] == 995
+    assert sorted(ranks.values()) == list(range(50256)) and all(bytes([b]) in ranks for b in range(256))
+    # The ranks alone rebuild an encoder that gives the same ids.
+    again = tiktoken.Encoding("check", pat_str=r50k_pat_str, mergeable_ranks=ranks, special_tokens={})
+    for text in ("Hello world", "naïve café 漢字 🙂", "  two  spaces\n\ttab"):
+        assert again.encode_ordinary(text) == tok.encode(text).tolist()
+
+
+# ----------------------------------------------------------------------------- one protocol, building from a config
+
+def all_kinds():
+    kinds = [CharTokenizer.from_text(TRAIN_TEXT + "é漢"), sp_tokenizer()]
+    try:
+        kinds.append(GPT2Tokenizer.load())
+    except UserError:
+        pass  # covered where GPT-2's BPE is available
+    return kinds
+
+
+def test_every_kind_is_a_tokenizer_and_batches_like_single_texts(tmp_path):
+    texts = ["Once upon a time", "", "Lily saw a dog\n", "é漢"]
+    for tok in all_kinds():
+        assert isinstance(tok, tok_lib.Tokenizer), tok.kind
+        batch = tok.encode_batch(texts, num_threads=2)
+        assert [b.tolist() for b in batch] == [tok.encode(t).tolist() for t in texts]
+        assert all(b.dtype == np.int32 for b in batch)
+        tok.save(str(tmp_path / tok.kind))
+        assert tok_lib.is_saved(str(tmp_path / tok.kind))
+        assert load_tokenizer(str(tmp_path / tok.kind)).fingerprint() == tok.fingerprint()
+
+
+def data_section(**kw):
+    d = ml_collections.ConfigDict({"tokenizer": "char", "vocab_size": 0, "sp_model_type": "bpe",
+                                   "sp_max_chars": 10_000_000})
+    d.update(kw)
+    return d
+
+
+def test_build_tokenizer_follows_the_data_config(tmp_path):
+    char = tok_lib.build_tokenizer(data_section(), iter(["ab"]), iter(["cd"]), docs=True)
+    assert char.chars == ["\n", "a", "b", "c", "d"]  # validation text too, and the document separator
+    assert tok_lib.build_tokenizer(data_section(), iter(["ab"]), iter([]), docs=False).chars == ["a", "b"]
+    lines = TRAIN_TEXT.split("\n")
+    sp = tok_lib.build_tokenizer(data_section(tokenizer="sentencepiece", vocab_size=300), iter(lines), iter([]),
+                                 docs=True)
+    assert sp.kind == "sentencepiece" and sp.vocab_size == 300
+    sp.save(str(tmp_path))
+    model = str(tmp_path / "sentencepiece.model")
+    given = tok_lib.build_tokenizer(data_section(tokenizer=model), (), (), docs=True)
+    assert given.fingerprint() == sp.fingerprint()
+    assert tok_lib.tokenizer_spec(data_section(tokenizer=model)) == {"kind": "sentencepiece", "model_file": model}
+    assert tok_lib.is_trained(tok_lib.tokenizer_spec(data_section(tokenizer="sentencepiece", vocab_size=300)))
+    assert not tok_lib.is_trained(tok_lib.tokenizer_spec(data_section(tokenizer=model)))
+
+
+def test_capped_lines_stop_near_max_chars():
+    from gptjax.tokenizers.build import capped_lines
+
+    out = list(capped_lines(iter(["aaaa\n\nbbbb", "cccc\ndddd"]), 9))
+    assert out == ["aaaa", "bbbb"]  # empty lines skipped; 5 + 5 characters reach the cap
+    assert list(capped_lines(iter(["x\ny"]), 100)) == ["x", "y"]

@@ -1,9 +1,12 @@
 import json
+import math
+import os
 
 import numpy as np
 import pytest
 
-from conftest import small_config
+from conftest import STORIES, run_cli, small_config, write_folder
+from gptjax import data as data_lib
 from gptjax import config as config_lib
 from gptjax.errors import UserError
 from gptjax.metrics import read_metrics
@@ -72,3 +75,62 @@ def test_config_json_round_trips():
     cfg.model.n_layer = 7
     again = config_lib.from_json(config_lib.to_json(cfg))
     assert again.model.n_layer == 7 and again.to_dict() == cfg.to_dict()
+
+
+def test_evaluate_reports_perplexity_and_bits_per_byte(tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("naïve café, déjà vu; el niño.\n" * 60, encoding="utf-8")
+    cfg = small_config(str(text), tmp_path / "run", **{"train.eval_full": True, "train.steps": 1})
+    run = Run(cfg, str(tmp_path / "run"), quiet=True)
+    run.state["step"] = run.state["step"] + 1  # the last step: include the full pass
+    ev = run.evaluate()
+    t = cfg.train
+    n_bytes = sum(len(run.tokenizer.decode(y).encode()) for i in range(t.eval_steps)
+                  for y in data_lib.get_batch(run.val_ids, 16, t.batch_size, t.seed, i, data_lib.EVAL_VAL_STREAM)[1])
+    n_tokens = t.eval_steps * t.batch_size * 16
+    assert n_bytes > n_tokens  # accented letters are two bytes
+    assert ev["val_bpb"] == pytest.approx(ev["val_loss"] * n_tokens / (math.log(2) * n_bytes), rel=1e-6)
+    assert ev["val_ppl"] == pytest.approx(math.exp(ev["val_loss"]), rel=1e-6)
+    n_windows = (len(run.val_ids) - 1) // 16
+    assert ev["val_full_tokens"] == n_windows * 16
+    full_bytes = len(run.tokenizer.decode(np.asarray(run.val_ids[1:n_windows * 16 + 1])).encode())
+    assert ev["val_full_bpb"] == pytest.approx(ev["val_full_loss"] * n_windows * 16 / (math.log(2) * full_bytes),
+                                               rel=1e-6)
+    assert abs(ev["val_full_loss"] - ev["val_loss"]) < 0.1  # an untrained model: both near ln(vocab)
+
+
+def test_a_failed_data_check_leaves_no_tokenizer_in_the_workdir(text_file, tmp_path):
+    cfg = small_config(text_file, tmp_path / "run", **{"model.block_size": 100_000})
+    with pytest.raises(UserError, match="model.block_size"):
+        Run(cfg, cfg.workdir, quiet=True)
+    assert not os.path.exists(tmp_path / "run" / "tokenizer")  # nothing that a corrected command trips over
+    cfg = small_config(text_file, tmp_path / "run", **{"train.steps": 1})
+    Run(cfg, cfg.workdir, quiet=True)
+    assert sorted(os.listdir(tmp_path / "run" / "tokenizer")) == ["data.json", "tokenizer.json"]
+
+
+# ----------------------------------------------------------------------------- command lines
+
+CLI_MODEL = ["--config.model.n_layer=2", "--config.model.n_head=2", "--config.model.n_embd=32",
+             "--config.model.block_size=16", "--config.train.batch_size=4", "--config.train.steps=6",
+             "--config.train.eval_every=6", "--config.train.eval_steps=2", "--config.train.warmup_steps=1"]
+
+
+@pytest.mark.slow
+def test_text_runs_on_a_folder_and_on_jsonl_with_a_custom_field(tmp_path):
+    env = {"XDG_CACHE_HOME": str(tmp_path / "xdg")}
+    folder = write_folder(tmp_path / "mytexts")
+    proc = run_cli("gptjax.train", "--config", "configs/tiny.py", f"--workdir={tmp_path / 'a'}", *CLI_MODEL,
+                   "--config.data.dataset=text", f"--config.data.path={folder}", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "step      6 | eval" in proc.stdout
+    jsonl = tmp_path / "stories.jsonl"
+    jsonl.write_text("".join(json.dumps({"story": s * 4, "n": i}) + "\n" for i, s in enumerate(STORIES * 3)))
+    proc = run_cli("gptjax.train", "--config", "configs/tiny.py", f"--workdir={tmp_path / 'b'}", *CLI_MODEL,
+                   "--config.data.dataset=text", f"--config.data.path={jsonl}", "--config.data.text_field=story",
+                   "--config.data.tokenizer=sentencepiece", "--config.data.vocab_size=300", env=env)
+    assert proc.returncode == 0, proc.stderr
+    records = [json.loads(l) for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert any("val_bpb" in r and "val_ppl" in r for r in records)
+    out = run_cli("gptjax.sample", f"--workdir={tmp_path / 'b'}", "--prompt=Tom", "--max_new_tokens=5", env=env)
+    assert out.returncode == 0 and out.stdout.startswith("Tom"), out.stderr
