@@ -189,8 +189,8 @@ class MLP(nnx.Module):
 
     def hidden(self, x_BxTxD):
         h = self.fc(x_BxTxD)
-        # Exact (erf) GELU, as nanoGPT's nn.GELU.
-        return jax.nn.relu(h) if self.activation == "relu" else jax.nn.gelu(h, approximate=False)
+        # gelu: exact (erf), as nanoGPT's nn.GELU; gelu_tanh: GPT-2's tanh approximation ("gelu_new").
+        return jax.nn.relu(h) if self.activation == "relu" else jax.nn.gelu(h, approximate=self.activation == "gelu_tanh")
 
     def __call__(self, x_BxTxD, *, dropout_key=None):
         return dropout(self.proj(self.hidden(x_BxTxD)), self.dropout_rate, dropout_key)

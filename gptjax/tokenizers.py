@@ -255,9 +255,22 @@ class GPT2Tokenizer:
         return f"gpt2:tiktoken-{self.enc.name}-{self.enc.n_vocab}"
 
 
+GPT2_RANKS = ("gpt2", "r50k_base.tiktoken")  # under GPTJAX_DATA_DIR: GPT-2's BPE ranks, read offline
+GPT2_RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"  # tiktoken's own check
+
+
 def load_gpt2_encoding():
     import tiktoken
 
+    local = os.path.join(os.environ.get("GPTJAX_DATA_DIR") or "", *GPT2_RANKS)
+    if os.environ.get("GPTJAX_DATA_DIR") and os.path.isfile(local):
+        from tiktoken.load import load_tiktoken_bpe
+        from tiktoken_ext.openai_public import r50k_pat_str
+
+        # The same ids as tiktoken.get_encoding("gpt2"), with no download.
+        ranks = load_tiktoken_bpe(local, expected_hash=GPT2_RANKS_SHA256)
+        return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
+                                 special_tokens={EOT: len(ranks)}, explicit_n_vocab=len(ranks) + 1)
     try:
         return tiktoken.get_encoding("gpt2")
     except Exception as e:  # tiktoken raises requests' errors, ValueError, OSError ...
