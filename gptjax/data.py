@@ -527,8 +527,11 @@ def read_tokens(path: str):
     return np.memmap(path, dtype=dtype, mode="r"), stats
 
 
-def prepare(cfg, workdir: str | None, log=print) -> Prepared:
-    """Tokenizer (restored from the workdir, or the cache, or built) and cached token arrays."""
+def prepare(cfg, workdir: str | None, log=print, tokenizer=None) -> Prepared:
+    """Tokenizer (restored from the workdir, or the cache, or built) and cached token arrays.
+
+    `tokenizer`: use this one for a new run (a fine-tune keeps its model's tokenizer).
+    """
     from gptjax import tokenizers as tok_lib
 
     d = cfg.data
@@ -549,6 +552,10 @@ def prepare(cfg, workdir: str | None, log=print) -> Prepared:
     if tok_dir and os.path.exists(os.path.join(tok_dir, tok_lib.TOKENIZER_FILE)) and _has_checkpoints(workdir):
         _check_same_data(tok_dir, data_id, workdir)
         tokenizer = tok_lib.load_tokenizer(tok_dir)
+    elif tokenizer is not None:
+        if tok_dir:
+            tokenizer.save(tok_dir)
+            tok_lib._write_json(os.path.join(tok_dir, DATA_ID_FILE), data_id)
     else:
         cached = os.path.join(cache_dir(), "tokenizers", _digest([src_fp, spec]))
         if spec["kind"] in ("char", "sentencepiece") and "model_file" not in spec and \

@@ -28,6 +28,7 @@ from gptjax import model as model_lib
 from gptjax import runtime
 from gptjax import sharding
 from gptjax import faults
+from gptjax import init_from as init_from_lib
 from gptjax.checkpoint import Checkpointer, CheckpointWriteError, abstract_like, check_resume_config
 from gptjax.errors import UserError, exit_with
 from gptjax.metrics import MetricsLog, bits_per_byte, flops_per_token, peak_flops
@@ -47,12 +48,12 @@ _QUIET = flags.DEFINE_bool("quiet", False, "Print nothing but errors.")
 
 # ----------------------------------------------------------------------------- data
 
-def prepare_data(cfg, workdir: str, log=print):
+def prepare_data(cfg, workdir: str, log=print, tokenizer=None):
     """Tokenizer (restored from the workdir when there is one) and memory-mapped id arrays."""
     # Process 0 builds and writes the tokenizer and token caches; the others then find them.
     if not sharding.is_main_process():
         sharding.sync("gptjax: data prepared")
-    p = data_lib.prepare(cfg, workdir, log=log)
+    p = data_lib.prepare(cfg, workdir, log=log, tokenizer=tokenizer)
     if sharding.is_main_process():
         sharding.sync("gptjax: data prepared")
     data_lib.check_length(p.train_ids, cfg.model.block_size, "training")
@@ -203,11 +204,15 @@ class Run:
     def __init__(self, cfg, workdir: str, quiet: bool = False, devices=None):
         """`devices`: the mesh's devices (default: every device of every process)."""
         config_lib.validate(cfg)
+        pretrained = init_from_lib.read(cfg.train.init_from) if cfg.train.init_from else None
+        if pretrained is not None:  # before the resume check: the run's config has the model's shape
+            init_from_lib.adopt(cfg, pretrained)
         self.cfg, self.workdir, self.quiet = cfg, workdir, quiet
         self.console = metrics_lib.Console(quiet=quiet, enabled=jax.process_index() == 0)
         os.makedirs(workdir, exist_ok=True)
         self.config_changes = self._check_config_against_workdir()  # before anything is written
-        self.tokenizer, self.train_ids, self.val_ids = prepare_data(cfg, workdir, log=self.log)
+        self.tokenizer, self.train_ids, self.val_ids = prepare_data(
+            cfg, workdir, log=self.log, tokenizer=None if pretrained is None else pretrained.tokenizer)
         with cfg.unlocked():
             cfg.model.vocab_size = self.tokenizer.vocab_size
         self.sample_prompt = encode_sample_prompt(self.tokenizer, cfg.train.sample_prompt, cfg.model.block_size) \
@@ -231,7 +236,9 @@ class Run:
         self.tx, self.schedule = make_optimizer(t)
         self.opt_sh = sharding.opt_state_shardings(self.tx, abstract_params, self.params_sh, self.mesh)
 
-        params = init_params(cfg.model, t.seed, self.params_sh)
+        params = init_params(cfg.model, t.seed, self.params_sh) if pretrained is None else \
+            init_from_lib.initial_params(pretrained, cfg.model, self.params_sh)
+        del pretrained  # its host copy of the weights
         opt_state = jax.jit(self.tx.init, out_shardings=self.opt_sh)(params)
         self.state = {"params": params, "opt_state": opt_state,
                       "step": jax.device_put(jnp.zeros((), jnp.int32), self.scalar_sh)}

@@ -93,3 +93,16 @@ class Workdir:
         """True when checkpoints/ holds at least one step folder: a run here is worth protecting."""
         d = self.checkpoints
         return os.path.isdir(d) and any(name.isdigit() for name in os.listdir(d))
+
+
+# ---- import/export
+
+def write_config(wd: Workdir, cfg) -> None:
+    """Write the resolved run config as config.json (whole or not at all)."""
+    from gptjax import config as config_lib
+
+    os.makedirs(wd.root, exist_ok=True)
+    tmp = wd.config + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(config_lib.to_json(cfg))
+    os.replace(tmp, wd.config)
