@@ -319,32 +319,34 @@ def tokenizer_files(tokenizer, block_size: int) -> tuple[dict[str, str], str | N
     return {}, note
 
 
-def tokenizer_kind_for_import(files: dict[str, str], vocab_size: int, gpt2_vocab: dict[str, int] | None,
-                              where: str) -> str:
-    """'gpt2' or 'codepoints' for an HF folder's tokenizer files (name -> text), or a UserError.
+def tokenizer_for_import(files: dict[str, str], vocab_size: int, gpt2_vocab, where: str) -> tuple[str, list[str] | None]:
+    """("gpt2", None) or ("char", characters) for an HF folder's tokenizer files (name -> text); else a UserError.
 
     GPT-2's own vocabulary (vocab.json, or tokenizer.json's model.vocab)
-    means our GPT-2 BPE. A checkpoint without tokenizer files is taken as
-    GPT-2 BPE when it has GPT-2's 50257 ids, else as ids that are Unicode code
-    points 0..V-1 (a character tokenizer): small test models ship no tokenizer.
-    `gpt2_vocab` (our GPT-2 vocab.json) is needed only when the folder has one.
+    means our GPT-2 BPE; a tokenizer.json of single characters without merges
+    (what our export writes for a character tokenizer) means that character
+    tokenizer. A checkpoint without tokenizer files is taken as GPT-2 BPE when
+    it has GPT-2's 50257 ids, else as ids that are Unicode code points
+    0..V-1: small test models ship no tokenizer. `gpt2_vocab()` gives our
+    GPT-2 vocab.json; it is called only for a vocabulary that could be GPT-2's.
     """
-    vocab = None
-    if "vocab.json" in files:
-        vocab = json.loads(files["vocab.json"])
-    elif "tokenizer.json" in files:
-        vocab = json.loads(files["tokenizer.json"]).get("model", {}).get("vocab")
+    spec = json.loads(files["tokenizer.json"]) if "tokenizer.json" in files else None
+    vocab = json.loads(files["vocab.json"]) if "vocab.json" in files else spec and spec.get("model", {}).get("vocab")
     if vocab is None:
         if vocab_size == GPT2_VOCAB_SIZE:
-            return "gpt2"
+            return "gpt2", None
         if vocab_size > 0xD800:  # code points beyond this include surrogates, which are not text
             raise UserError(f"{where} has no tokenizer files and {vocab_size} ids; add GPT-2's vocab.json and "
                             "merges.txt, or a tokenizer.json.")
-        return "codepoints"
-    if gpt2_vocab is not None and vocab == gpt2_vocab:
+        return "char", [chr(i) for i in range(vocab_size)]
+    chars = sorted(vocab, key=vocab.get)
+    if spec is not None and not spec["model"].get("merges") and all(len(c) == 1 for c in chars) \
+            and [vocab[c] for c in chars] == list(range(vocab_size)) and chars == sorted(chars):
+        return "char", chars
+    if len(vocab) == GPT2_VOCAB_SIZE and vocab == gpt2_vocab():
         if vocab_size != GPT2_VOCAB_SIZE:
             raise UserError(f"{where}: its tokenizer is GPT-2's ({GPT2_VOCAB_SIZE} ids) but the model has "
                             f"{vocab_size} token embeddings; gptjax needs one embedding per tokenizer id.")
-        return "gpt2"
-    raise UserError(f"{where}: its tokenizer is not GPT-2's BPE; gptjax imports GPT-2 BPE tokenizers only "
-                    "(or a checkpoint without tokenizer files).")
+        return "gpt2", None
+    raise UserError(f"{where}: its tokenizer is not GPT-2's BPE nor a character tokenizer; gptjax imports "
+                    "those only (or a checkpoint without tokenizer files).")

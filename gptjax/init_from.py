@@ -112,13 +112,9 @@ def read_hf_folder(folder: str, where: str) -> tuple[dict, dict, dict]:
 def hf_tokenizer(files: dict, vocab_size: int, where: str):
     from gptjax import tokenizers as tok_lib
 
-    gpt2_vocab = None
-    if "vocab.json" in files or "tokenizer.json" in files:
-        gpt2_vocab = hf.gpt2_vocab_and_merges(*_gpt2_ranks())[0]
-    kind = hf.tokenizer_kind_for_import(files, vocab_size, gpt2_vocab, where)
-    if kind == "gpt2":
-        return tok_lib.GPT2Tokenizer()
-    return tok_lib.CharTokenizer([chr(i) for i in range(vocab_size)])
+    gpt2_vocab = lambda: hf.gpt2_vocab_and_merges(*_gpt2_ranks())[0]
+    kind, chars = hf.tokenizer_for_import(files, vocab_size, gpt2_vocab, where)
+    return tok_lib.GPT2Tokenizer() if kind == "gpt2" else tok_lib.CharTokenizer(chars)
 
 
 def _gpt2_ranks():
