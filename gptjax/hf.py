@@ -304,7 +304,8 @@ def tokenizer_files(tokenizer, block_size: int) -> tuple[dict[str, str], str | N
         token_bytes = [enc.decode_single_token_bytes(i) for i in range(tokenizer.eot_id)]
         vocab, merges = gpt2_vocab_and_merges(token_bytes, eot)
         config = {"tokenizer_class": "GPT2Tokenizer", "bos_token": eot, "eos_token": eot, "unk_token": eot,
-                  "add_prefix_space": False, "model_max_length": block_size}
+                  "add_prefix_space": False, "model_max_length": block_size,
+                  "split_special_tokens": True}  # as ours: a literal <|endoftext|> in text stays text
         return {"vocab.json": json.dumps(vocab, ensure_ascii=False),
                 "merges.txt": "#version: 0.2\n" + "\n".join(merges) + "\n",
                 "tokenizer_config.json": json.dumps(config, indent=2)}, None
