@@ -19,7 +19,7 @@ from gptjax.errors import UserError
 
 # The valid values of each key that picks between implementations. The modules
 # that dispatch on a key import its tuple from here; `validate` checks it once.
-ACTIVATIONS = ("gelu", "relu")
+ACTIVATIONS = ("gelu", "relu", "gelu_tanh")  # gelu_tanh: GPT-2's tanh approximation
 DTYPES = ("float32", "bfloat16")
 ATTENTION_IMPLS = ("auto", "xla", "dot_product", "cudnn")
 MATMUL_IMPLS = ("auto", "xla", "tokens")
@@ -42,7 +42,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.bias = False  # biases in Dense layers and LayerNorms
     c.model.qkv_bias = False  # biases in the query/key/value projection
     c.model.tie_embeddings = True  # output projection = token embedding^T
-    c.model.activation = "gelu"  # gelu | relu
+    c.model.activation = "gelu"  # gelu (exact) | relu | gelu_tanh (GPT-2's)
     c.model.vocab_size = 0  # 0: taken from the tokenizer
     c.model.dtype = "float32"  # compute dtype: float32 | bfloat16
     c.model.param_dtype = "float32"  # master weights
@@ -77,6 +77,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.eval_full = False  # also a full pass over the validation split at the end
     c.train.max_bad_steps = 10  # stop after more than this many non-finite (skipped) steps in a row
     c.train.allow_config_change = False  # resume with a changed train.* (steps, lr schedule, eval cadence)
+    c.train.init_from = ""  # start from these weights: a workdir, or hf:NAME_OR_PATH (a GPT-2 checkpoint)
 
     c.data = ml_collections.ConfigDict()
     c.data.dataset = "tinyshakespeare"  # tinyshakespeare|tinystories|wikitext2|wikitext103|openwebtext|text|hf

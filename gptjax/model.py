@@ -153,6 +153,7 @@ class CausalSelfAttention(nnx.Module):
 # One function per `config.ACTIVATIONS` entry (a test checks the two agree).
 ACTIVATION_FNS = {
     "gelu": lambda h: jax.nn.gelu(h, approximate=False),  # exact (erf), as nanoGPT's nn.GELU
+    "gelu_tanh": lambda h: jax.nn.gelu(h, approximate=True),  # GPT-2's own ("gelu_new" in transformers)
     "relu": jax.nn.relu,
 }
 

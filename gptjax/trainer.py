@@ -29,6 +29,7 @@ from gptjax import steps as steps_lib
 from gptjax import model as model_lib
 from gptjax import decode as decode_lib
 from gptjax import eval as eval_lib
+from gptjax import init_from as init_from_lib
 from gptjax import workdir as workdir_lib
 from gptjax.report import Reporter
 from gptjax.checkpoint import Checkpointer, CheckpointWriteError, abstract_like
@@ -353,12 +354,16 @@ def build(cfg, workdir: str, quiet: bool = False, devices=None) -> Trainer:
 
 
 def _build(cfg, wd: Workdir, quiet: bool, devices, main: bool, lock) -> Trainer:
+    # A fine-tune takes its model's shape and tokenizer first: the checks below see them.
+    pretrained = init_from_lib.read(cfg.train.init_from) if cfg.train.init_from else None
+    if pretrained is not None:
+        init_from_lib.adopt(cfg, pretrained)
     mesh = sharding.make_mesh(cfg.mesh, devices)
     sharding.check_batch(cfg.train.batch_size, mesh)
     sharding.check_model(cfg.model, mesh)
     changes = _check_resume(cfg, wd) if wd.has_checkpoints() else []
     console = metrics_lib.Console(quiet=quiet, enabled=main)
-    data = prepare_data(cfg, wd, console.say)
+    data = prepare_data(cfg, wd, console.say, None if pretrained is None else pretrained.tokenizer)
     with cfg.unlocked():
         cfg.model.vocab_size = data.tokenizer.vocab_size
     # A prompt the tokenizer cannot encode fails here, before training.
@@ -371,7 +376,11 @@ def _build(cfg, wd: Workdir, quiet: bool, devices, main: bool, lock) -> Trainer:
     if main:
         workdir_lib.write_config(wd, cfg)
         workdir_lib.save_tokenizer(wd, data.tokenizer, data.data_id)
-    setup = steps_lib.init_train_state(cfg, mesh)
+    params = None
+    if pretrained is not None:
+        params = init_from_lib.initial_params(pretrained, cfg.model, None)
+        del pretrained  # its host copy of the weights
+    setup = steps_lib.init_train_state(cfg, mesh, params=params)
     ckpt = Checkpointer(wd.root, keep=cfg.train.keep_checkpoints)
     log = metrics_lib.MetricsLog(wd.root, enabled=main, sinks=metrics_lib.make_sinks(
         cfg.log, wd.root, cfg.to_dict(), say=console.say) if main else ())
@@ -388,12 +397,12 @@ def _check_resume(cfg, wd: Workdir) -> list[str]:
     return config_lib.check_resume_config(saved, cfg.to_dict(), cfg.train.allow_config_change, wd.root)
 
 
-def prepare_data(cfg, wd: Workdir, log) -> RunData:
+def prepare_data(cfg, wd: Workdir, log, tokenizer=None) -> RunData:
     """Tokenizer (the workdir's own when it has one) and memory-mapped id arrays; writes nothing in `wd`."""
     # Process 0 builds the tokenizer and token caches; the others then find them.
     if not sharding.is_main_process():
         sharding.sync("gptjax: data prepared")
-    p = data_lib.prepare(cfg, *workdir_lib.kept_tokenizer(wd), log=log)
+    p = data_lib.prepare(cfg, *workdir_lib.kept_tokenizer(wd), log=log, tokenizer=tokenizer)
     if sharding.is_main_process():
         sharding.sync("gptjax: data prepared")
     data_lib.check_length(p.train_ids, cfg.model.block_size, "training")

@@ -170,3 +170,14 @@ def save_tokenizer(wd: Workdir, tokenizer: tok_lib.Tokenizer, data_id: dict) -> 
         json.dump(data_id, f, ensure_ascii=False)
     os.replace(tmp, wd.data_id)
     tokenizer.save(wd.tokenizer)  # its tokenizer.json, written last, marks the folder complete
+# ---- import/export
+
+def write_config(wd: Workdir, cfg) -> None:
+    """Write the resolved run config as config.json (whole or not at all)."""
+    from gptjax import config as config_lib
+
+    os.makedirs(wd.root, exist_ok=True)
+    tmp = wd.config + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(config_lib.to_json(cfg))
+    os.replace(tmp, wd.config)

@@ -141,13 +141,15 @@ def check_same_data(kept_tokenizer: str, kept_data_id: dict | None, data_id: dic
     )
 
 
-def prepare(cfg, kept_tokenizer: str | None = None, kept_data_id: dict | None = None, log=print) -> Prepared:
+def prepare(cfg, kept_tokenizer: str | None = None, kept_data_id: dict | None = None, log=print,
+            tokenizer: tok_lib.Tokenizer | None = None) -> Prepared:
     """The tokenizer and memory-mapped token arrays of `cfg.data`.
 
     `kept_tokenizer`: the tokenizer folder of a run that must keep it (one with
     checkpoints), reused as it is once `kept_data_id`, what it was built for,
-    matches this config's data. Without it the tokenizer comes from the cache or
-    is built. Only the cache is written; the caller saves `tokenizer` and
+    matches this config's data. Without it, `tokenizer` is used when given (a
+    fine-tune keeps its model's tokenizer), else it comes from the cache or is
+    built. Only the cache is written; the caller saves `tokenizer` and
     `data_id` (workdir.save_tokenizer) after its own checks.
     """
     d = cfg.data
@@ -166,7 +168,7 @@ def prepare(cfg, kept_tokenizer: str | None = None, kept_data_id: dict | None = 
     if kept_tokenizer:
         check_same_data(kept_tokenizer, kept_data_id, data_id)
         tokenizer = tok_lib.load_tokenizer(kept_tokenizer)
-    else:
+    elif tokenizer is None:
         cached = os.path.join(cache_dir(), "tokenizers", _digest([src_key, spec]))
         tokenizer = _cached_or_built_tokenizer(d, spec, cached, load, log)
 
