@@ -23,14 +23,20 @@ from ml_collections import config_flags
 from gptjax import config as config_lib
 from gptjax import data as data_lib
 from gptjax import diagnostics as diag_lib
-from gptjax import metrics as metrics_lib
+from gptjax import console as console_lib
+from gptjax import history as history_lib
+from gptjax import logs as logs_lib
+from gptjax import plot as plot_lib
 from gptjax import model as model_lib
 from gptjax import runtime
 from gptjax import sharding
 from gptjax import faults
 from gptjax.checkpoint import Checkpointer, CheckpointWriteError, abstract_like, check_resume_config
 from gptjax.errors import UserError, exit_with
-from gptjax.metrics import MetricsLog, bits_per_byte, flops_per_token, peak_flops
+from gptjax.eval import bits_per_byte
+from gptjax.flops import flops_per_token, is_estimate, peak_flops
+from gptjax.logs import MetricsLog
+from gptjax.workdir import Workdir
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Run config file (optionally FILE:SIZE).")
 # allow_override: gptjax.sample defines --workdir too, and a notebook imports both modules.
@@ -204,7 +210,8 @@ class Run:
         """`devices`: the mesh's devices (default: every device of every process)."""
         config_lib.validate(cfg)
         self.cfg, self.workdir, self.quiet = cfg, workdir, quiet
-        self.console = metrics_lib.Console(quiet=quiet, enabled=jax.process_index() == 0)
+        self.paths = Workdir(workdir)
+        self.console = console_lib.Console(quiet=quiet, enabled=jax.process_index() == 0)
         os.makedirs(workdir, exist_ok=True)
         self.config_changes = self._check_config_against_workdir()  # before anything is written
         self.tokenizer, self.train_ids, self.val_ids = prepare_data(cfg, workdir, log=self.log)
@@ -237,9 +244,9 @@ class Run:
                       "step": jax.device_put(jnp.zeros((), jnp.int32), self.scalar_sh)}
         self.state_sh = {"params": self.params_sh, "opt_state": self.opt_sh, "step": self.scalar_sh}
 
-        self.ckpt = Checkpointer(workdir, keep=t.keep_checkpoints)
-        self.metrics = MetricsLog(workdir, enabled=jax.process_index() == 0, sinks=metrics_lib.make_sinks(
-            cfg.log, workdir, cfg.to_dict(), say=self.log) if jax.process_index() == 0 else ())
+        self.ckpt = Checkpointer(self.paths.checkpoints, keep=t.keep_checkpoints, broken_dir=self.paths.broken)
+        self.metrics = MetricsLog(self.paths.metrics, enabled=jax.process_index() == 0, sinks=logs_lib.make_sinks(
+            cfg.log, cfg.to_dict(), self.paths.tensorboard, workdir, say=self.log) if jax.process_index() == 0 else ())
         self.nonfinite = faults.NonFiniteGuard(t.max_bad_steps)
         self.signals = faults.StopSignals()
         self.resumed_from = self._maybe_restore()
@@ -251,6 +258,7 @@ class Run:
         counts = model_lib.param_counts(self.state["params"])
         self.flops_per_token = flops_per_token(cfg.model, sum(counts.values()), counts.get("wpe", 0))
         self.peak_flops, self.peak_source = peak_flops(list(self.mesh.devices.flat))
+        self.mfu_estimate = is_estimate(self.peak_source)  # a measured CPU peak: MFU is labelled an estimate
         self._eval_batches = {}
         # Compiled only when asked for: diagnostics off costs nothing per step.
         self.diagnostics = diag_lib.make_diagnostics_step(self.graphdef, self.tx) if t.diagnostics_every else None
@@ -328,7 +336,7 @@ class Run:
         self.log(f"tokenizer: {self.tokenizer.kind}, vocab {self.tokenizer.vocab_size:,}")
         self.log(f"model: {m.n_layer} layers, {m.n_head} heads, {m.n_embd} wide, context {m.block_size}, "
                  f"{m.activation}, {m.dtype} compute")
-        for line in metrics_lib.model_summary(model_lib.param_counts(self.state["params"])):
+        for line in console_lib.model_summary(model_lib.param_counts(self.state["params"])):
             self.log(line)
         self.log(f"train: {t.steps:,} steps x {t.batch_size} sequences x {m.block_size} tokens = "
                  f"{self.tokens_per_step:,} tokens/step, {t.steps * self.tokens_per_step:,} in all "
@@ -357,7 +365,7 @@ class Run:
         text = self.generate_sample(self.cfg.train.seed + step)
         self.log(f"step {step:>6} | sample:\n{text}")
         if jax.process_index() == 0:
-            with open(os.path.join(self.workdir, metrics_lib.SAMPLES_FILE), "a", encoding="utf-8") as f:
+            with open(self.paths.samples, "a", encoding="utf-8") as f:
                 f.write(f"--- step {step} ---\n{text}\n\n")
         return text
 
@@ -367,12 +375,12 @@ class Run:
             return
         stat = os.stat(self.metrics.path)
         if (stat.st_size, stat.st_mtime_ns) != getattr(self, "_plotted", None):
-            metrics_lib.save_loss_png(self.workdir, self.tokens_per_step)
+            plot_lib.save_loss_png(self.paths, self.tokens_per_step)
             self._plotted = (stat.st_size, stat.st_mtime_ns)
 
     def after_eval(self, step: int, ev: dict) -> None:
         """The eval line and a fresh loss.png."""
-        best = metrics_lib.best_val(metrics_lib.history(metrics_lib.read_metrics(self.metrics.path))) \
+        best = history_lib.best_val(history_lib.history(logs_lib.read_metrics(self.metrics.path))) \
             if self.metrics.enabled else None
         mark = " (best)" if best is not None and best[0] == step else ""
         extra = f" = {ev['val_bpb']:.4f} bits/byte" if "val_bpb" in ev else ""
@@ -380,17 +388,17 @@ class Run:
         self.plot()
 
     def finish(self, start: int, done: int, wall: float) -> None:
-        best = metrics_lib.best_val(metrics_lib.history(metrics_lib.read_metrics(self.metrics.path))) \
+        best = history_lib.best_val(history_lib.history(logs_lib.read_metrics(self.metrics.path))) \
             if self.metrics.enabled and os.path.exists(self.metrics.path) else None
-        self.log(f"done: {done - start} steps in {metrics_lib.format_duration(wall)} ({wall:.1f}s)"
+        self.log(f"done: {done - start} steps in {console_lib.format_duration(wall)} ({wall:.1f}s)"
                  + (f"; best val loss {best[1]:.4f} at step {best[0]}" if best else ""))
         self.log(f"  checkpoints  {_shown(self.ckpt.directory)}")
         self.log(f"  metrics      {_shown(self.metrics.path)}")
-        self.log(f"  loss curve   {_shown(os.path.join(self.workdir, metrics_lib.LOSS_PNG))}")
+        self.log(f"  loss curve   {_shown(self.paths.loss_png)}")
         if self.cfg.log.tensorboard:
-            self.log(f"  tensorboard  tensorboard --logdir {_shown(os.path.join(self.workdir, 'tensorboard'))}")
+            self.log(f"  tensorboard  tensorboard --logdir {_shown(self.paths.tensorboard)}")
         if self.cfg.train.sample_every:
-            self.log(f"  samples      {_shown(os.path.join(self.workdir, metrics_lib.SAMPLES_FILE))}")
+            self.log(f"  samples      {_shown(self.paths.samples)}")
 
     def batch(self, ids, step: int, stream: int):
         t = self.cfg.train
@@ -519,7 +527,7 @@ class Run:
         self.console.start(start, t.steps, t.log_every)
         if start == 0:
             ev = self.evaluate()
-            self.metrics.write({"step": 0, **ev})
+            self.metrics.write(logs_lib.eval_record(0, ev))
             self.after_eval(0, ev)
         best_val = float("inf")
         pending, window_start, window_steps = [], time.perf_counter(), 0
@@ -558,6 +566,8 @@ class Run:
                        "tokens_per_s": tokens_per_s}
                 if self.peak_flops:
                     rec["mfu"] = tokens_per_s * self.flops_per_token / self.peak_flops
+                    if self.mfu_estimate:
+                        rec["mfu_estimate"] = True
                 if self.nonfinite.total:
                     rec["skipped_steps"] = self.nonfinite.total
                 if skipped:
@@ -572,7 +582,7 @@ class Run:
                 ev = self.evaluate()
                 best_val = min(best_val, ev["val_loss"])
                 val_loss = ev["val_loss"]
-                self.metrics.write({"step": done, **ev})
+                self.metrics.write(logs_lib.eval_record(done, ev))
                 self.after_eval(done, ev)
                 last.update(ev)
                 window_start = time.perf_counter()  # eval time is not training throughput
