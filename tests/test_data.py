@@ -257,7 +257,7 @@ def test_resume_on_different_data_is_refused(tmp_path, cache, text_file):
 
 
 def test_bits_per_byte_by_hand():
-    from gptjax.metrics import bits_per_byte
+    from gptjax.eval import bits_per_byte
 
     # One nat per token is 1/ln2 bits; 4 tokens spelling 2 bytes: 2/ln2 bits per byte.
     assert bits_per_byte(1.0, 4, 2) == pytest.approx(2 / math.log(2))

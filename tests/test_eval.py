@@ -9,7 +9,7 @@ import pytest
 from conftest import run_cli
 from gptjax import data as data_lib
 from gptjax import eval as eval_lib
-from gptjax.metrics import bits_per_byte
+from gptjax.eval import bits_per_byte
 from gptjax.errors import UserError
 
 

@@ -6,7 +6,7 @@ import pytest
 from conftest import small_config
 from gptjax import config as config_lib
 from gptjax.errors import UserError
-from gptjax.metrics import read_metrics
+from gptjax.logs import read_metrics
 from gptjax.train import Run
 
 
@@ -72,3 +72,13 @@ def test_config_json_round_trips():
     cfg.model.n_layer = 7
     again = config_lib.from_json(config_lib.to_json(cfg))
     assert again.model.n_layer == 7 and again.to_dict() == cfg.to_dict()
+
+
+def test_a_prompt_the_tokenizer_cannot_encode_fails_before_training(text_file, tmp_path):
+    from gptjax.errors import UserError
+    from gptjax.train import Run
+
+    cfg = small_config(text_file, tmp_path / "run", **{"train.sample_every": 5, "train.sample_prompt": "Zebra"})
+    with pytest.raises(UserError, match="'Z'"):
+        Run(cfg, cfg.workdir, quiet=True)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
