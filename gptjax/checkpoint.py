@@ -253,21 +253,17 @@ class Checkpointer:
             except Exception:
                 pass  # a failed write was reported by wait(); closing adds nothing to say
             if self._failure is not None:
-                # The library's threads go on reporting after the failure: keep that out of the console
-                # too, and add it to the report.
+                # The library goes on reporting after the failure, down to the interpreter's exit
+                # (futures whose errors nobody read): that goes on into the report, not the console.
                 self._writer_output.settle()
-                self._add_to_report(self._writer_output.stop(replay=False))
+                if self._report_path is None or not self._writer_output.move_to(self._report_path):
+                    self._writer_output.stop(replay=False)
             else:
                 self._writer_output.stop(replay=True)
 
-    def _add_to_report(self, text: str) -> None:
-        if self._report_path is None:
-            return
-        try:
-            with open(self._report_path, "w", encoding="utf-8") as f:
-                f.write(text)
-        except OSError:
-            pass  # the report written at the failure stays
+    def release_output(self) -> None:
+        """Give file descriptor 2 and sys.stderr back (after a failed write they stay on the report)."""
+        self._writer_output.stop(replay=False)
 
 
 def _val_loss(metrics) -> float:
@@ -348,6 +344,21 @@ class _LibraryOutput:
             elif time.monotonic() - since >= quiet_s:
                 return
             time.sleep(0.05)
+
+    def move_to(self, path: str) -> bool:
+        """Rewrite `path` with what was held, and send what follows there too (False if it cannot be written)."""
+        try:
+            text = self.text_so_far()
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(text)
+            report = open(path, "a+b")
+        except OSError:
+            return False
+        self._saved_stderr.flush()
+        os.dup2(report.fileno(), 2)
+        self._file.close()
+        self._file = report
+        return True
 
     def stop(self, replay: bool) -> str:
         if self._file is None:

@@ -186,6 +186,7 @@ def test_a_failed_checkpoint_write_stops_with_a_clear_message_and_keeps_the_prev
     assert "could not write the checkpoint at step 8" in msg and "No space left on device" in msg
     assert "previous checkpoint (step 6) is intact" in msg
     assert f"report is in {os.path.join(workdir, 'broken_checkpoints', 'write_error_step_8.txt')}" in msg
+    run.ckpt.release_output()
     assert not isinstance(sys.stderr, checkpoint_lib._StderrByThread)  # the console's stderr is back
     assert checkpointer(workdir).steps()[-1] == 6
     assert load_params(workdir)[-1] == 6
