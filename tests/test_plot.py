@@ -175,13 +175,13 @@ def test_an_old_workdir_still_plots_resumes_and_compares_with_a_new_one(resumed_
     Run(small_config(str(text), workdir), str(workdir), quiet=True).train(stop_at=10)
     old = to_old_format(workdir)
     assert [r["step"] for r in old if "val_loss" in r and "train_loss" in r] == [0, 10]  # really the old names
-    with open(workdir / "metrics.jsonl", "a") as f:  # and an old crashed attempt past the checkpoint
-        f.write(json.dumps({"step": 15, "train_loss": 9.0, "val_loss": 9.5}) + "\n")
 
     # It plots: the evaluation's training-split points are drawn as such.
     fig, _ = plot.compare_figure([plot.load_run(str(workdir))], x="steps")
     x, y = line(fig, "train (eval)")
     assert list(x) == [0, 10] and list(y) == [r["train_loss"] for r in old if "val_loss" in r]
+    with open(workdir / "metrics.jsonl", "a") as f:  # and an old crashed attempt past the checkpoint
+        f.write(json.dumps({"step": 15, "train_loss": 9.0, "val_loss": 9.5}) + "\n")
 
     # It resumes: the old crashed record is dropped, the new records carry the new names.
     Run(small_config(str(text), workdir), str(workdir), quiet=True).train()
