@@ -1,4 +1,4 @@
-"""Checkpoints: orbax CheckpointManager over `WORKDIR/checkpoints`, plus the run's config guard.
+"""Checkpoints: an orbax CheckpointManager over a run's checkpoints folder, plus the run's config guard.
 
 Each step's checkpoint holds three items: `params`, `opt_state` (both
 orbax/tensorstore arrays, restorable onto any mesh) and `meta` (JSON: step and
@@ -7,8 +7,10 @@ run facts). Sampling restores `params` alone.
 Orbax writes each checkpoint into a temporary folder and renames it when
 complete, so a process killed mid-write leaves the previous checkpoints valid.
 What orbax leaves to us: a checkpoint that is on disk but does not restore
-(a truncated file, a deleted metadata file) is reported and moved aside to
-`WORKDIR/broken_checkpoints/`, never deleted, and the next older one is used.
+(a truncated file, a deleted metadata file) is reported and moved aside to the
+broken-checkpoints folder, never deleted, and the next older one is used; a
+write that fails (a full disk) becomes one CheckpointWriteError, with the
+library's own report kept in a file there rather than on the console.
 Nothing here unpickles: arrays are tensorstore, everything else JSON.
 """
 
@@ -20,6 +22,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 
 import jax
@@ -28,19 +31,24 @@ from orbax.checkpoint import checkpoint_managers as ocp_policies
 
 from gptjax.errors import UserError
 
-BROKEN_DIR = "broken_checkpoints"
-
 
 class CheckpointWriteError(Exception):
     """A checkpoint could not be written (disk full, permissions, ...)."""
 
 
 class Checkpointer:
-    def __init__(self, workdir: str, keep: int = 3, create: bool = True, async_save: bool = True):
-        self.workdir = os.path.abspath(workdir)
-        self.directory = os.path.join(self.workdir, "checkpoints")
+    """Saves and restores the checkpoints in `directory`; ones that do not restore move to `broken_dir`.
+
+    Readers (sampling, evaluation) pass create=False and no `broken_dir`: they
+    never write or move anything.
+    """
+
+    def __init__(self, directory: str, keep: int = 3, create: bool = True, async_save: bool = True,
+                 broken_dir: str | None = None):
+        self.directory = os.path.abspath(directory)
+        self.broken_dir = os.path.abspath(broken_dir) if broken_dir is not None else None
         if not create and not os.path.isdir(self.directory):
-            raise UserError(f"{workdir} has no checkpoints/ folder; train first with --workdir {workdir}.")
+            raise UserError(f"there is no checkpoint folder {directory}; train first.")
         # The newest `keep` checkpoints, plus the one with the lowest validation loss.
         policy = ocp_policies.AnyPreservationPolicy([
             ocp_policies.LatestN(n=keep),
@@ -54,6 +62,9 @@ class Checkpointer:
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
         self._in_flight: int | None = None
+        self._writer_output = _LibraryOutput()  # what orbax's writer threads print while a save is in flight
+        self._failure: CheckpointWriteError | None = None
+        self._report_path: str | None = None
 
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
@@ -63,7 +74,12 @@ class Checkpointer:
 
     def save(self, step: int, params, opt_state, meta: dict, val_loss: float | None = None,
              force: bool = False) -> None:
+        if self._failure is not None:
+            raise self._failure
         metrics = {"val_loss": float(val_loss)} if val_loss is not None and math.isfinite(val_loss) else {}
+        if self._in_flight is not None and not self.manager.is_saving_in_progress():
+            self.wait()  # the previous write is done: show what it printed, if anything, and start afresh
+        self._writer_output.start()
         try:
             self.manager.save(
                 step,
@@ -81,14 +97,18 @@ class Checkpointer:
 
     def wait(self) -> None:
         """Block until the async save in flight is on disk; raise CheckpointWriteError if it failed."""
+        if self._failure is not None:
+            raise self._failure
         try:
             self.manager.wait_until_finished()
             self.manager.check_for_errors()
         except Exception as e:
             raise self._write_error(self._in_flight, e) from None
+        self._writer_output.stop(replay=True)
         self._in_flight = None
 
     def _write_error(self, step, err: Exception) -> CheckpointWriteError:
+        """The one error of a failed write; the library's report goes to a file the message names."""
         try:
             self.manager.reload()
             kept = self.latest_step()
@@ -97,11 +117,36 @@ class Checkpointer:
         if kept == step:  # the error came after the data was committed
             kept = None
         where = f"the previous checkpoint (step {kept}) is intact" if kept is not None else "no earlier checkpoint"
-        return CheckpointWriteError(
+        self._report_path = self._write_report(step, self._writer_output.text_so_far())
+        report = f"; the checkpoint library's report is in {self._report_path}" if self._report_path else ""
+        self._failure = CheckpointWriteError(
             f"could not write the checkpoint at step {step} to {self.directory} "
-            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); {where}. "
+            f"({type(err).__name__}: {_first_line(err)}); {where}{report}. "
             "Free disk space or fix the folder's permissions, then rerun the same command to resume."
         )
+        return self._failure
+
+    def _write_report(self, step, text: str) -> str | None:
+        """Write what the library printed to the broken-checkpoints folder, else (a full disk) to the temp folder."""
+        name = f"write_error_step_{step}" + (f"_process_{jax.process_index()}" if jax.process_count() > 1 else "")
+        if self.broken_dir is not None:
+            path = os.path.join(self.broken_dir, f"{name}.txt")
+            if os.path.exists(path):
+                path = os.path.join(self.broken_dir, f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.txt")
+            try:
+                os.makedirs(self.broken_dir, exist_ok=True)
+                with open(path, "w", encoding="utf-8") as f:
+                    f.write(text)
+                return path
+            except OSError:
+                pass
+        try:
+            fd, path = tempfile.mkstemp(prefix=f"gptjax-checkpoint-{name}-", suffix=".txt")
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+            return path
+        except OSError:
+            return None
 
     def restore(self, step: int, abstract_params, abstract_opt_state=None):
         """(params, opt_state or None, meta); abstract trees carry the target shardings."""
@@ -142,7 +187,7 @@ class Checkpointer:
         """Restore the newest checkpoint that restores cleanly: (step, params, opt_state, meta) or None.
 
         Newer ones that fail are reported through `log` and, with
-        `move_broken` (training), moved to WORKDIR/broken_checkpoints/ (kept
+        `move_broken` (training), moved to `broken_dir` (kept
         for inspection; a new save at that step could not happen otherwise).
         Readers (sampling, evaluation) pass move_broken=False and leave the
         workdir as it is. If none restores, nothing is moved and a UserError
@@ -180,7 +225,9 @@ class Checkpointer:
                       if n.isdigit() and int(n) not in listed and os.path.isdir(os.path.join(self.directory, n)))
 
     def _move_aside(self, step: int, report: str) -> str:
-        dest_root = os.path.join(self.workdir, BROKEN_DIR)
+        if self.broken_dir is None:
+            raise ValueError("a Checkpointer without broken_dir never moves checkpoints (move_broken=False)")
+        dest_root = self.broken_dir
         dest = os.path.join(dest_root, str(step))
         if os.path.exists(dest):
             dest = f"{dest}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -197,10 +244,26 @@ class Checkpointer:
         return dest
 
     def close(self) -> None:
+        """Wait for the write in flight and close; a failed write raises CheckpointWriteError."""
         try:
             self.wait()
         finally:
-            self.manager.close()
+            try:
+                self.manager.close()
+            except Exception:
+                pass  # a failed write was reported by wait(); closing adds nothing to say
+            if self._failure is not None:
+                # The library goes on reporting after the failure, down to the interpreter's exit
+                # (futures whose errors nobody read): that goes on into the report, not the console.
+                self._writer_output.settle()
+                if self._report_path is None or not self._writer_output.move_to(self._report_path):
+                    self._writer_output.stop(replay=False)
+            else:
+                self._writer_output.stop(replay=True)
+
+    def release_output(self) -> None:
+        """Give file descriptor 2 and sys.stderr back (after a failed write they stay on the report)."""
+        self._writer_output.stop(replay=False)
 
 
 def _val_loss(metrics) -> float:
@@ -210,6 +273,114 @@ def _val_loss(metrics) -> float:
 def _first_line(err: Exception) -> str:
     text = str(err).strip().split(" See full TensorStore details")[0]
     return (text.splitlines()[0] if text else "")[:300]
+
+
+class _StderrByThread:
+    """sys.stderr while a write is in flight: the main thread's text to the console, other threads' to `others`."""
+
+    def __init__(self, main, others):
+        self._main, self._others = main, others
+
+    def _target(self):
+        return self._main if threading.current_thread() is threading.main_thread() else self._others
+
+    def write(self, text: str) -> int:
+        return self._target().write(text)
+
+    def flush(self) -> None:
+        self._main.flush()
+        self._others.flush()
+
+    def __getattr__(self, name):
+        return getattr(self._main, name)
+
+
+class _LibraryOutput:
+    """What the checkpoint library prints while a write is in flight, held in a temporary file.
+
+    Orbax and tensorstore write from their own threads; a failing write (a
+    full disk) makes each of them print a traceback, burying the one clear
+    line the run ends with. While started, file descriptor 2 (native writers
+    and Python's original stderr) and other threads' Python writes go to the
+    file; the main thread's own messages still reach the console at once.
+    `stop(replay=True)` shows what was held (a healthy write prints nothing),
+    `stop(replay=False)` returns it for the failure report instead.
+    """
+
+    def __init__(self):
+        self._file = None
+        self._saved_fd: int | None = None
+        self._saved_stderr = None
+        self._console = None
+
+    def start(self) -> None:
+        if self._file is not None:
+            return
+        sys.stderr.flush()
+        self._file = tempfile.TemporaryFile(mode="w+b")
+        self._saved_fd = os.dup(2)
+        self._console = open(os.dup(self._saved_fd), "w", encoding="utf-8", errors="replace", buffering=1)
+        os.dup2(self._file.fileno(), 2)
+        self._saved_stderr = sys.stderr
+        sys.stderr = _StderrByThread(self._console, self._saved_stderr)
+
+    def text_so_far(self) -> str:
+        if self._file is None:
+            return ""
+        self._saved_stderr.flush()
+        self._file.flush()
+        return _read_all(self._file)
+
+    def settle(self, quiet_s: float = 0.5, limit_s: float = 10.0) -> None:
+        """Wait until nothing new has been printed for `quiet_s` (at most `limit_s`)."""
+        if self._file is None:
+            return
+        end, size, since = time.monotonic() + limit_s, -1, time.monotonic()
+        while time.monotonic() < end:
+            self._saved_stderr.flush()
+            now_size = os.fstat(self._file.fileno()).st_size
+            if now_size != size:
+                size, since = now_size, time.monotonic()
+            elif time.monotonic() - since >= quiet_s:
+                return
+            time.sleep(0.05)
+
+    def move_to(self, path: str) -> bool:
+        """Rewrite `path` with what was held, and send what follows there too (False if it cannot be written)."""
+        try:
+            text = self.text_so_far()
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(text)
+            report = open(path, "a+b")
+        except OSError:
+            return False
+        self._saved_stderr.flush()
+        os.dup2(report.fileno(), 2)
+        self._file.close()
+        self._file = report
+        return True
+
+    def stop(self, replay: bool) -> str:
+        if self._file is None:
+            return ""
+        gc.collect()  # abandoned writer coroutines report while being collected: inside the capture
+        self._saved_stderr.flush()
+        sys.stderr = self._saved_stderr
+        os.dup2(self._saved_fd, 2)
+        os.close(self._saved_fd)
+        self._console.close()
+        text = _read_all(self._file)
+        self._file.close()
+        self._file = self._saved_fd = self._saved_stderr = self._console = None
+        if replay and text:
+            sys.stderr.write(text)
+            sys.stderr.flush()
+        return text
+
+
+def _read_all(f) -> str:
+    f.seek(0)
+    return f.read().decode("utf-8", "replace")
 
 
 class _captured_stderr:

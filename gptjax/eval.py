@@ -24,8 +24,16 @@ from gptjax.data import eval_windows
 from gptjax import quantize as quantize_lib
 from gptjax import workdir as workdir_lib
 from gptjax.errors import UserError, exit_with
-from gptjax.metrics import bits_per_byte
 from gptjax.sample import load_run
+
+
+def bits_per_byte(mean_loss: float, n_tokens: int, n_bytes: int) -> float:
+    """Nats per token -> bits per UTF-8 byte of the text those tokens spell.
+
+    Comparable across tokenizers: a char model and a BPE model of the same
+    text are charged for the same bytes.
+    """
+    return mean_loss * n_tokens / (math.log(2) * max(1, n_bytes))
 
 
 def validation_ids(run, log) -> np.ndarray:

@@ -9,6 +9,7 @@ Draws runs from their `metrics.jsonl`:
     (gradient norms, update/weight ratios, activation mean/std, attention
     entropy, dead ReLU units), one line per layer.
 Needs only matplotlib: no JAX, so it runs anywhere the workdir can be read.
+The trainer redraws WORKDIR/loss.png with `save_loss_png`.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ import os
 import sys
 
 from gptjax.errors import UserError, exit_with
-from gptjax.metrics import (METRICS_FILE, draw_loss, history, new_figure, read_metrics, record_kind, series)
+from gptjax.history import history, is_number, record_kind, series
+from gptjax.logs import EVAL_TRAIN_PREFIX, read_metrics
+from gptjax.workdir import Workdir
 
 DIAGNOSTICS = (  # (key, title, log scale)
     ("grad_norm", "gradient norm", True),
@@ -34,6 +37,71 @@ DIAGNOSTICS = (  # (key, title, log scale)
 )
 
 OTHER_MODULES = {"wte": ("0.15", "--"), "wpe": ("0.45", ":"), "ln_f": ("0.6", "-."), "lm_head": ("0.3", "-.")}
+
+
+# ----------------------------------------------------------------------------- loss curves
+
+def new_figure(width: float = 7.5, height: float = 4.5):
+    """A matplotlib Figure on the Agg canvas: no pyplot, no display, no global state."""
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=100, layout="constrained")
+
+
+def draw_loss(ax, records: list[dict], tokens_per_step: int | None = None, label: str = "", color=None,
+              key: str = "loss", x_scale: float = 1.0, eval_train: bool = True) -> None:
+    """Train loss (every log) as a thin line, eval losses as points; the best val point starred.
+
+    `key` is "loss" (nats per token) or "bpb" (bits per byte): the train log's
+    `train_<key>`, the evaluation's `eval_train_<key>` and `val_<key>`. The x
+    axis is the step times `x_scale` (1: steps; tokens per step: tokens); with
+    `tokens_per_step`, a second axis on top reads in tokens.
+    """
+    from matplotlib.ticker import EngFormatter
+
+    prefix = f"{label}: " if label else ""
+    s, v = series(records, f"train_{key}", "train")
+    if s:
+        line, = ax.plot([x * x_scale for x in s], v, lw=0.8, alpha=0.45, color=color, label=f"{prefix}train (batches)")
+        color = color or line.get_color()
+    s, v = series(records, f"{EVAL_TRAIN_PREFIX}{key}", "eval")
+    if s and eval_train:
+        ax.plot([x * x_scale for x in s], v, "o--", ms=3, lw=1, color=color, alpha=0.8, label=f"{prefix}train (eval)")
+    s, v = series(records, f"val_{key}", "eval")
+    if s:
+        line, = ax.plot([x * x_scale for x in s], v, "o-", ms=3, lw=1.6, color=color, label=f"{prefix}val")
+        color = line.get_color()
+        i = min(range(len(v)), key=lambda j: v[j] if math.isfinite(v[j]) else math.inf)
+        ax.plot([s[i] * x_scale], [v[i]], "*", ms=14, color=color, markeredgecolor="black", linestyle="none",
+                label=f"{prefix}best val {v[i]:.4f} @ step {s[i]:,}")
+    ax.set_xlabel("step" if x_scale == 1 else "tokens")
+    ax.set_ylabel("loss (nats/token)" if key == "loss" else "bits per byte")
+    ax.grid(alpha=0.3)
+    if x_scale != 1:
+        ax.xaxis.set_major_formatter(EngFormatter(sep=""))  # 1.5k, 2M
+    if tokens_per_step and x_scale == 1:
+        top = ax.secondary_xaxis("top", functions=(lambda x: x * tokens_per_step, lambda t: t / tokens_per_step))
+        top.set_xlabel("tokens")
+        top.xaxis.set_major_formatter(EngFormatter(sep=""))
+
+
+def save_loss_png(workdir: Workdir, tokens_per_step: int | None = None, title: str | None = None) -> str | None:
+    """Redraw the workdir's loss.png from its metrics; returns its path (None when there is nothing to draw)."""
+    if not os.path.exists(workdir.metrics):
+        return None
+    records = history(read_metrics(workdir.metrics))
+    if not records:
+        return None
+    fig = new_figure()
+    ax = fig.add_subplot()
+    draw_loss(ax, records, tokens_per_step)
+    ax.set_title(title or os.path.basename(os.path.abspath(workdir.root)))
+    ax.legend(fontsize=8)
+    out = workdir.loss_png
+    tmp = out + ".tmp.png"
+    fig.savefig(tmp)
+    os.replace(tmp, out)  # a viewer never sees half a file
+    return out
 
 
 @dataclasses.dataclass
@@ -53,7 +121,7 @@ class RunData:
     @property
     def tokenizer(self):
         """What identifies the tokenizer: the files the run saved, else its kind and vocabulary size."""
-        folder = os.path.join(self.workdir, "tokenizer")
+        folder = Workdir(self.workdir).tokenizer
         if os.path.isdir(folder):
             h = hashlib.sha256()
             for name in sorted(os.listdir(folder)):
@@ -64,16 +132,18 @@ class RunData:
         return self.config.get("data", {}).get("tokenizer"), self.config.get("model", {}).get("vocab_size")
 
     def has(self, key: str) -> bool:
-        return any(isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool) for r in self.records)
+        return any(is_number(r.get(key)) for r in self.records)
 
 
 def load_run(workdir: str) -> RunData:
     """A workdir's config and metrics history, or a UserError that says what is missing."""
     if not os.path.isdir(workdir):
         raise UserError(f"{workdir} is not a folder; give the workdir of a training run (e.g. runs/tiny).")
-    config_path, metrics_path = os.path.join(workdir, "config.json"), os.path.join(workdir, METRICS_FILE)
+    wd = Workdir(workdir)
+    config_path, metrics_path = wd.config, wd.metrics
+    metrics_name = os.path.basename(metrics_path)
     if not os.path.exists(config_path) and not os.path.exists(metrics_path):
-        raise UserError(f"{workdir} is not a gptjax workdir (it has no config.json or {METRICS_FILE}); "
+        raise UserError(f"{workdir} is not a gptjax workdir (it has no {os.path.basename(config_path)} or {metrics_name}); "
                         "give the folder a training run writes to, e.g. runs/tiny.")
     config = {}
     if os.path.exists(config_path):
@@ -84,7 +154,7 @@ def load_run(workdir: str) -> RunData:
             raise UserError(f"{config_path} is not readable JSON ({e}).") from None
     records = history(read_metrics(metrics_path)) if os.path.exists(metrics_path) else []
     if not records:
-        raise UserError(f"{workdir} has no metrics yet ({METRICS_FILE} is missing or empty); "
+        raise UserError(f"{workdir} has no metrics yet ({metrics_name} is missing or empty); "
                         "a run writes them from its first eval on; plot again once it has.")
     name = os.path.basename(os.path.normpath(os.path.abspath(workdir)))
     return RunData(workdir, name, config, records)
@@ -130,7 +200,7 @@ def diagnostics_figure(run: RunData):
     """A panel per diagnostic quantity, one line per layer (blocks shaded by depth, other modules dashed)."""
     records = [r for r in run.records if record_kind(r) == "diag"]
     if not records:
-        raise UserError(f"{run.workdir} has no diagnostics in {METRICS_FILE}; train with "
+        raise UserError(f"{run.workdir} has no diagnostics in {os.path.basename(Workdir(run.workdir).metrics)}; train with "
                         "--config.train.diagnostics_every=N (e.g. 100) to record them.")
     keys = {k for r in records for k in r if k.startswith("diag/")}
     panels = [(q, title, log) for q, title, log in DIAGNOSTICS if any(k.startswith(f"diag/{q}/") for k in keys)]
@@ -195,11 +265,11 @@ def plot(argv) -> list[str]:
         if args.out and len(runs) > 1:
             raise UserError("--out with --diagnostics takes one WORKDIR; leave --out away to write "
                             "WORKDIR/diagnostics.png in each.")
-        return [_save(diagnostics_figure(r), args.out or os.path.join(r.workdir, "diagnostics.png")) for r in runs]
+        return [_save(diagnostics_figure(r), args.out or Workdir(r.workdir).diagnostics_png) for r in runs]
     fig, note = compare_figure(runs, x=args.x if len(runs) > 1 else "steps")
     if note:
         print(f"note: {note}", file=sys.stderr)
-    out = args.out or (os.path.join(runs[0].workdir, "loss.png") if len(runs) == 1 else "compare.png")
+    out = args.out or (Workdir(runs[0].workdir).loss_png if len(runs) == 1 else "compare.png")
     return [_save(fig, out)]
 
 

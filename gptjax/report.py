@@ -9,8 +9,11 @@ import os
 
 import jax
 
-from gptjax import metrics as metrics_lib
+from gptjax import console as console_lib
+from gptjax import history as history_lib
+from gptjax import logs as logs_lib
 from gptjax import model as model_lib
+from gptjax import plot as plot_lib
 from gptjax import sharding
 from gptjax.workdir import Workdir
 
@@ -35,7 +38,7 @@ class Reporter:
     def best(self):
         if not self.enabled or not os.path.exists(self.metrics.path):
             return None
-        return metrics_lib.best_val(metrics_lib.history(metrics_lib.read_metrics(self.metrics.path)))
+        return history_lib.best_val(history_lib.history(logs_lib.read_metrics(self.metrics.path)))
 
     def describe(self, mesh, data, params) -> None:
         """The start-up block: devices, mesh, data, tokenizer, model table, plan."""
@@ -48,7 +51,7 @@ class Reporter:
         self.say(f"tokenizer: {data.tokenizer.kind}, vocab {data.tokenizer.vocab_size:,}")
         self.say(f"model: {m.n_layer} layers, {m.n_head} heads, {m.n_embd} wide, context {m.block_size}, "
                  f"{m.activation}, {m.dtype} compute")
-        for line in metrics_lib.model_summary(model_lib.param_counts(params)):
+        for line in console_lib.model_summary(model_lib.param_counts(params)):
             self.say(line)
         n = self.tokens_per_step
         self.say(f"train: {t.steps:,} steps x {t.batch_size} sequences x {m.block_size} tokens = {n:,} tokens/step, "
@@ -57,7 +60,7 @@ class Reporter:
 
     def evaluation(self, step: int, ev: dict) -> None:
         """The eval record and line, and a fresh loss.png."""
-        self.record({"step": step, **ev})
+        self.record(logs_lib.eval_record(step, ev))
         best = self.best()
         mark = " (best)" if best is not None and best[0] == step else ""
         extra = f" = {ev['val_bpb']:.4f} bits/byte" if "val_bpb" in ev else ""
@@ -76,12 +79,12 @@ class Reporter:
             return
         stat = os.stat(self.metrics.path)
         if (stat.st_size, stat.st_mtime_ns) != self._plotted:
-            metrics_lib.save_loss_png(self.wd.root, self.tokens_per_step)
+            plot_lib.save_loss_png(self.wd, self.tokens_per_step)
             self._plotted = (stat.st_size, stat.st_mtime_ns)
 
     def finish(self, steps: int, wall: float) -> None:
         best = self.best()
-        self.say(f"done: {steps} steps in {metrics_lib.format_duration(wall)} ({wall:.1f}s)"
+        self.say(f"done: {steps} steps in {console_lib.format_duration(wall)} ({wall:.1f}s)"
                  + (f"; best val loss {best[1]:.4f} at step {best[0]}" if best else ""))
         self.say(f"  checkpoints  {shown(self.wd.checkpoints)}")
         self.say(f"  metrics      {shown(self.metrics.path)}")

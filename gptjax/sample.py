@@ -295,7 +295,9 @@ def load_run(workdir: str, step: int | None = None, quantize: str = "none") -> L
         return LoadedRun(workdir, cfg, tokenizer, graphdef, params, meta["step"], meta["scheme"], float_bytes,
                          quantize_lib.tree_bytes(params))
 
-    ckpt = Checkpointer(workdir, create=False, async_save=False)
+    from gptjax.workdir import Workdir
+
+    ckpt = Checkpointer(Workdir(workdir).checkpoints, create=False, async_save=False)
     steps = ckpt.steps()
     if not steps:
         raise UserError(f"{workdir} has no checkpoint yet; train first with --workdir {workdir}.")

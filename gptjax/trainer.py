@@ -23,7 +23,8 @@ from gptjax import config as config_lib
 from gptjax import data as data_lib
 from gptjax import diagnostics as diag_lib
 from gptjax import faults
-from gptjax import metrics as metrics_lib
+from gptjax import console as console_lib
+from gptjax import logs as logs_lib
 from gptjax import sharding
 from gptjax import steps as steps_lib
 from gptjax import model as model_lib
@@ -34,7 +35,7 @@ from gptjax import workdir as workdir_lib
 from gptjax.report import Reporter
 from gptjax.checkpoint import Checkpointer, CheckpointWriteError, abstract_like
 from gptjax.errors import UserError
-from gptjax.metrics import flops_per_token, peak_flops
+from gptjax.flops import flops_per_token, is_estimate, peak_flops
 from gptjax.workdir import Workdir
 
 
@@ -213,13 +214,14 @@ class Trainer:
         return val_loss
 
     def _evaluate(self, step: int) -> dict:
+        """Evaluate, report, and return the evaluation's record (its names as in metrics.jsonl)."""
         t = self.cfg.train
         ev = self.evaluate(self.state["params"], full=t.eval_full and step >= t.steps)
         if "val_full_loss" in ev:
             self.report.say(f"full validation pass: {ev['val_full_tokens']:,} tokens, loss {ev['val_full_loss']:.4f}, "
                             f"bits per byte {ev['val_full_bpb']:.4f}")
         self.report.evaluation(step, ev)
-        return ev
+        return logs_lib.eval_record(step, ev)
 
     def generate_sample(self, seed: int) -> str:
         """A short sample from the fixed prompt with the current weights (temperature 0.8, top-k 200)."""
@@ -314,6 +316,8 @@ class LogWindow:
                "grad_norm": float(np.atleast_1d(outs[-1]["grad_norm"])[-1]), "tokens_per_s": tokens_per_s}
         if tr.peak_flops:
             rec["mfu"] = tokens_per_s * tr.flops_per_token / tr.peak_flops
+            if is_estimate(tr.peak_source):  # a measured CPU peak, not a datasheet figure
+                rec["mfu_estimate"] = True
         if tr.nonfinite.total:
             rec["skipped_steps"] = tr.nonfinite.total
         if skipped:
@@ -362,7 +366,7 @@ def _build(cfg, wd: Workdir, quiet: bool, devices, main: bool, lock) -> Trainer:
     sharding.check_batch(cfg.train.batch_size, mesh)
     sharding.check_model(cfg.model, mesh)
     changes = _check_resume(cfg, wd) if wd.has_checkpoints() else []
-    console = metrics_lib.Console(quiet=quiet, enabled=main)
+    console = console_lib.Console(quiet=quiet, enabled=main)
     data = prepare_data(cfg, wd, console.say, None if pretrained is None else pretrained.tokenizer)
     with cfg.unlocked():
         cfg.model.vocab_size = data.tokenizer.vocab_size
@@ -381,9 +385,9 @@ def _build(cfg, wd: Workdir, quiet: bool, devices, main: bool, lock) -> Trainer:
         params = init_from_lib.initial_params(pretrained, cfg.model, None)
         del pretrained  # its host copy of the weights
     setup = steps_lib.init_train_state(cfg, mesh, params=params)
-    ckpt = Checkpointer(wd.root, keep=cfg.train.keep_checkpoints)
-    log = metrics_lib.MetricsLog(wd.root, enabled=main, sinks=metrics_lib.make_sinks(
-        cfg.log, wd.root, cfg.to_dict(), say=console.say) if main else ())
+    ckpt = Checkpointer(wd.checkpoints, keep=cfg.train.keep_checkpoints, broken_dir=wd.broken)
+    log = logs_lib.MetricsLog(wd.metrics, enabled=main, sinks=logs_lib.make_sinks(
+        cfg.log, cfg.to_dict(), wd.tensorboard, wd.root, say=console.say) if main else ())
     report = Reporter(cfg, wd, console, log, cfg.train.batch_size * cfg.model.block_size, main)
     start = _restore(ckpt, setup, log)
     return Trainer(cfg, setup, data, ckpt, report, start or 0, start is not None, changes, prompt, lock)

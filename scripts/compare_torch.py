@@ -38,7 +38,7 @@ def run_reference(path, text, steps):
 
 
 def run_gptjax(text, steps, workdir):
-    from gptjax.metrics import read_metrics
+    from gptjax.logs import read_metrics
 
     args = [sys.executable, "-m", "gptjax.train", "--config", "configs/tiny.py", "--workdir", workdir,
             f"--config.data.path={text}", f"--config.train.steps={steps}"]

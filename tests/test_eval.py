@@ -9,7 +9,7 @@ import pytest
 from conftest import run_cli
 from gptjax import data as data_lib
 from gptjax import eval as eval_lib
-from gptjax.metrics import bits_per_byte
+from gptjax.eval import bits_per_byte
 from gptjax.errors import UserError
 
 
@@ -47,3 +47,12 @@ def test_eval_cli_reports_float_and_int8(trained_workdir):
 def test_eval_of_a_missing_step_lists_the_saved_ones(trained_workdir):
     with pytest.raises(UserError, match=r"no checkpoint at step 3 .*\[.*50, 60\]"):
         eval_lib.run_eval(trained_workdir, step=3)
+
+
+def test_bits_per_byte_by_hand():
+    from gptjax.eval import bits_per_byte
+
+    # One nat per token is 1/ln2 bits; 4 tokens spelling 2 bytes: 2/ln2 bits per byte.
+    assert bits_per_byte(1.0, 4, 2) == pytest.approx(2 / math.log(2))
+    # A char model of "héllo": 5 tokens, 6 UTF-8 bytes, loss ln 2 (one bit) per token -> 5/6 bits per byte.
+    assert bits_per_byte(math.log(2), 5, len("héllo".encode())) == pytest.approx(5 / 6)

@@ -9,7 +9,7 @@ import pytest
 from conftest import run_cli, small_config
 from gptjax import plot
 from gptjax.errors import UserError
-from gptjax.metrics import read_metrics
+from gptjax.logs import read_metrics
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,7 @@ def resumed_workdir(tmp_path_factory):
     workdir = root / "resumed"
     run = Run(small_config(str(text), workdir), str(workdir), quiet=True)
     run.train(stop_at=10)
-    crashed = [{"step": 15, "train_loss": 9.0, "lr": 0.1}, {"step": 15, "train_loss": 9.0, "val_loss": 9.5}]
+    crashed = [{"step": 15, "train_loss": 9.0, "lr": 0.1}, {"step": 15, "eval_train_loss": 9.0, "val_loss": 9.5}]
     with open(workdir / "metrics.jsonl", "a") as f:  # as if it died after step 15, before saving it
         f.writelines(json.dumps(r) + "\n" for r in crashed)
     Run(small_config(str(text), workdir), str(workdir), quiet=True).train()
@@ -32,7 +32,8 @@ def resumed_workdir(tmp_path_factory):
 
 
 def fake_workdir(path, tokenizer, vocab, val_losses, bpb=None, batch=4, tokenizer_from=None):
-    """A workdir as training leaves it, written by hand: config.json and metrics.jsonl."""
+    """A workdir as the previous version's training left it, written by hand: config.json and metrics.jsonl
+    (its evaluation records name their training-split figures train_*)."""
     path.mkdir()
     if tokenizer_from is not None:
         shutil.copytree(tokenizer_from / "tokenizer", path / "tokenizer")
@@ -56,6 +57,7 @@ def line(fig, label):
     return np.asarray(matches[0].get_xdata()), np.asarray(matches[0].get_ydata())
 
 
+@pytest.mark.slow
 def test_resumed_run_plots_one_continuous_curve(resumed_workdir, capsys):
     assert capsys.readouterr().out == ""  # quiet runs print nothing
     fig, note = plot.compare_figure([plot.load_run(str(resumed_workdir))], x="steps")
@@ -78,20 +80,7 @@ def test_resumed_run_plots_one_continuous_curve(resumed_workdir, capsys):
     assert not any(k.startswith("diag/") for r in read_metrics(str(resumed_workdir / "metrics.jsonl")) for k in r)
 
 
-def test_history_keeps_the_last_attempt_when_a_run_restarted_without_truncating():
-    from gptjax.metrics import history
-
-    records = [{"step": 0, "val_loss": 4.0, "train_loss": 4.0}, {"step": 5, "train_loss": 3.0, "lr": 1},
-               {"step": 10, "train_loss": 2.5, "lr": 1},  # crash; restart from scratch
-               {"step": 0, "val_loss": 4.1, "train_loss": 4.1}, {"step": 5, "train_loss": 3.1, "lr": 1},
-               {"step": 10, "train_loss": 2.6, "lr": 1}, {"step": 10, "val_loss": 2.7, "train_loss": 2.6}]
-    kept = history(records)
-    assert [(r["step"], r.get("val_loss", r["train_loss"])) for r in kept] == [(0, 4.1), (5, 3.1), (10, 2.6), (10, 2.7)]
-    # Other records may repeat a step (two notes at one step) without meaning a restart.
-    notes = [{"step": 5, "note": "a"}, {"step": 5, "note": "b"}]
-    assert history(records[:2] + notes) == [records[0], records[1]] + notes
-
-
+@pytest.mark.slow
 def test_plot_command_overlays_two_workdirs(resumed_workdir, tmp_path):
     other = fake_workdir(tmp_path / "wide", "char", 34, [3.6, 3.0, 2.5], batch=8, tokenizer_from=resumed_workdir)
     out = tmp_path / "both.png"
@@ -141,6 +130,7 @@ def test_diagnostics_panels(tmp_path):
                     "layer 2": [pytest.approx(0.3), pytest.approx(0.3)]}
 
 
+@pytest.mark.slow
 def test_bad_input_says_so_plainly(tmp_path, capsys):
     (tmp_path / "notes").mkdir()
     with pytest.raises(UserError, match="is not a gptjax workdir"):
@@ -162,3 +152,51 @@ def test_bad_input_says_so_plainly(tmp_path, capsys):
     proc = run_cli("gptjax.plot", str(tmp_path / "notes"))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.startswith(f"error: {tmp_path / 'notes'} is not a gptjax workdir")
+
+
+def to_old_format(workdir):
+    """Rewrite a workdir's metrics.jsonl as the previous version wrote it (evaluations: train_loss, ...)."""
+    path = workdir / "metrics.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    old = [{(k.replace("eval_train_", "train_", 1)): v for k, v in r.items()} for r in records]
+    path.write_text("".join(json.dumps(r) + "\n" for r in old))
+    return old
+
+
+@pytest.mark.slow
+def test_an_old_workdir_still_plots_resumes_and_compares_with_a_new_one(resumed_workdir, tmp_path):
+    from conftest import SAMPLE_TEXT
+    from gptjax.history import best_val, history, record_kind
+    from gptjax.train import Run
+
+    text = tmp_path / "corpus.txt"
+    text.write_text(SAMPLE_TEXT, encoding="utf-8")
+    workdir = tmp_path / "old"
+    Run(small_config(str(text), workdir), str(workdir), quiet=True).train(stop_at=10)
+    old = to_old_format(workdir)
+    assert [r["step"] for r in old if "val_loss" in r and "train_loss" in r] == [0, 10]  # really the old names
+
+    # It plots: the evaluation's training-split points are drawn as such.
+    fig, _ = plot.compare_figure([plot.load_run(str(workdir))], x="steps")
+    x, y = line(fig, "train (eval)")
+    assert list(x) == [0, 10] and list(y) == [r["train_loss"] for r in old if "val_loss" in r]
+    with open(workdir / "metrics.jsonl", "a") as f:  # and an old crashed attempt past the checkpoint
+        f.write(json.dumps({"step": 15, "train_loss": 9.0, "val_loss": 9.5}) + "\n")
+
+    # It resumes: the old crashed record is dropped, the new records carry the new names.
+    Run(small_config(str(text), workdir), str(workdir), quiet=True).train()
+    records = read_metrics(str(workdir / "metrics.jsonl"))
+    evals = [r for r in records if record_kind(r) == "eval"]
+    assert [r["step"] for r in evals] == [0, 10, 20] and 9.5 not in [r["val_loss"] for r in evals]
+    assert all("eval_train_loss" in r and "train_loss" not in r for r in evals)
+    assert [r["step"] for r in records if record_kind(r) == "train"] == [5, 10, 15, 20]
+    assert best_val(history(records)) == min((r["val_loss"], r["step"]) for r in evals)[::-1]
+    # The same run as a new one computed it: resumed_workdir trained the same config the same way.
+    new = read_metrics(str(resumed_workdir / "metrics.jsonl"))
+    assert [r["val_loss"] for r in history(new) if record_kind(r) == "eval"] == [r["val_loss"] for r in evals]
+
+    # It compares with a new workdir.
+    fig, note = plot.compare_figure([plot.load_run(str(workdir)), plot.load_run(str(resumed_workdir))], x="steps")
+    assert note is None
+    assert list(line(fig, "old: val")[0]) == list(line(fig, "resumed: val")[0]) == [0, 10, 20]
+

@@ -24,8 +24,9 @@ from gptjax import faults, sharding
 from gptjax.checkpoint import Checkpointer, abstract_like
 from gptjax.config import check_resume_config
 from gptjax.errors import UserError
-from gptjax.metrics import read_metrics
+from gptjax.logs import read_metrics
 from gptjax.train import Run
+from gptjax.workdir import Workdir
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -85,7 +86,7 @@ def load_run(workdir):
     """(params, step) of the newest checkpoint, as saved (no model needed)."""
     import orbax.checkpoint as ocp
 
-    ckpt = Checkpointer(str(workdir), create=False, async_save=False)
+    ckpt = Checkpointer(Workdir(str(workdir)).checkpoints, create=False, async_save=False)
     step = ckpt.latest_step()
     params = ckpt.manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore()))["params"]
     ckpt.close()
@@ -230,45 +231,6 @@ def test_a_second_sigterm_ends_the_process_at_once():
 
 # ----------------------------------------------------------------------------- 3. damaged checkpoints
 
-def test_damaged_newest_checkpoints_are_skipped_and_the_run_resumes_from_an_older_one(trained, tmp_path, capsys):
-    run, text, src = trained
-    workdir = copy_run(src, tmp_path / "run")
-    ckpts = os.path.join(workdir, "checkpoints")
-    # Step 6: truncate its largest parameter data file. Step 4: delete its parameter metadata.
-    data_files = glob.glob(os.path.join(ckpts, "6", "params", "**", "d", "*"), recursive=True)
-    biggest = max(data_files, key=os.path.getsize)
-    with open(biggest, "r+b") as f:
-        f.truncate(os.path.getsize(biggest) // 2)
-    os.remove(os.path.join(ckpts, "4", "params", "_METADATA"))
-
-    cfg = small_config(text, workdir, **{"train.steps": 6, "train.checkpoint_every": 2,
-                                         "train.eval_every": 2, "train.log_every": 1})
-    again = Run(cfg, workdir, quiet=True)
-    err = capsys.readouterr().err
-    assert again.resumed_from == 2
-    assert "checkpoint at step 6 does not restore" in err and "checkpoint at step 4 does not restore" in err
-    assert "Traceback" not in err
-    for step in ("6", "4"):  # kept for inspection, with the error beside them
-        assert os.path.exists(os.path.join(workdir, "broken_checkpoints", step, "RESTORE_ERROR.txt"))
-    again.train()  # steps 3..6 again: exactly what the undamaged run computed
-    assert_same_params(load_run(src)[0], load_run(workdir)[0])
-    assert train_losses(src) == train_losses(workdir)
-
-
-def test_when_no_checkpoint_restores_nothing_is_moved_and_the_error_lists_them(trained, tmp_path):
-    run, text, src = trained
-    workdir = copy_run(src, tmp_path / "run")
-    for step in ("2", "4", "6"):
-        os.remove(os.path.join(workdir, "checkpoints", step, "params", "_METADATA"))
-    before = tree_snapshot(workdir)
-    ckpt = Checkpointer(workdir)
-    with pytest.raises(UserError, match=r"no checkpoint in .* restores \(step 6: .*step 4: .*step 2: .*Nothing was deleted"):
-        ckpt.restore_newest(abstract_like(run.state["params"], run.params_sh),
-                            abstract_like(run.state["opt_state"], run.opt_sh))
-    ckpt.close()
-    assert tree_snapshot(workdir) == before
-
-
 def test_sampling_uses_the_newest_checkpoint_that_restores_and_changes_nothing(trained, tmp_path, capsys):
     from gptjax import sample
 
@@ -324,12 +286,12 @@ def test_lr_1e6_diverges_and_stops_after_max_bad_steps_keeping_the_last_good_che
         assert fix in msg
     good = first - 1  # the last step whose update was finite
     assert f"newest checkpoint is at step {good}" in msg
-    steps = Checkpointer(cfg.workdir).steps()
+    steps = Checkpointer(Workdir(cfg.workdir).checkpoints).steps()
     assert steps[-1] == good  # nothing saved during the bad streak
     records = {r["step"]: r for r in read_metrics(os.path.join(cfg.workdir, "metrics.jsonl")) if "lr" in r}
     assert [records[s].get("skipped_steps") for s in range(first, first + 3)] == [1, 2, 3]  # counted, logged
     # The skipped updates left the state as the last good checkpoint holds it.
-    ckpt = Checkpointer(cfg.workdir)
+    ckpt = Checkpointer(Workdir(cfg.workdir).checkpoints)
     params, opt_state, _ = ckpt.restore(good, abstract_like(run.state["params"], run.params_sh),
                                         abstract_like(run.state["opt_state"], run.opt_sh))
     ckpt.close()
@@ -368,32 +330,6 @@ def test_training_changes_need_allow_config_change():
         check_resume_config(saved, other_data, True, "w")
 
 
-# ----------------------------------------------------------------------------- disk
-
-def test_a_failed_checkpoint_write_stops_with_a_clear_message_and_keeps_the_previous(trained, tmp_path, monkeypatch):
-    _, text, src = trained
-    workdir = copy_run(src, tmp_path / "run")
-    cfg = small_config(text, workdir, **{"train.steps": 10, "train.checkpoint_every": 2, "train.eval_every": 2,
-                                         "train.log_every": 1, "train.allow_config_change": True})
-    run = Run(cfg, workdir, quiet=True)
-    real_save = run.ckpt.manager.save
-
-    def full_disk(step, *args, **kwargs):
-        if step == 8:
-            raise OSError(28, "No space left on device")
-        return real_save(step, *args, **kwargs)
-
-    monkeypatch.setattr(run.ckpt.manager, "save", full_disk)
-    with pytest.raises(faults.TrainingStopped) as stop:
-        run.train()
-    assert stop.value.code == faults.EXIT_CHECKPOINT_WRITE
-    msg = str(stop.value)
-    assert "could not write the checkpoint at step 8" in msg and "No space left on device" in msg
-    assert "previous checkpoint (step 6) is intact" in msg
-    assert Checkpointer(workdir).steps()[-1] == 6
-    assert load_run(workdir)[-1] == 6
-
-
 # ----------------------------------------------------------------------------- safe loading
 
 def test_nothing_the_program_loads_is_unpickled():
@@ -408,12 +344,3 @@ def test_nothing_the_program_loads_is_unpickled():
                 if unsafe.search(code):
                     found.append(f"{os.path.relpath(path, ROOT)}:{n}: {line.strip()}")
     assert not found, found
-
-
-def test_keeps_the_newest_checkpoints_plus_the_best_by_validation_loss(tmp_path):
-    ckpt = Checkpointer(str(tmp_path), keep=2, async_save=False)
-    params = {"w": np.zeros((2, 2), np.float32)}
-    for step, val in [(1, 3.0), (2, 1.0), (3, 2.5), (4, None), (5, 2.0)]:  # step 4: saved without an eval
-        ckpt.save(step, params, {"m": np.ones(2, np.float32)}, {"step": step}, val_loss=val)
-    ckpt.close()
-    assert Checkpointer(str(tmp_path), create=False).steps() == [2, 4, 5]  # best (2) + the 2 newest

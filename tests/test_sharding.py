@@ -23,7 +23,7 @@ from gptjax import data as data_lib
 from gptjax import model as model_lib
 from gptjax import sharding
 from gptjax.errors import UserError
-from gptjax.metrics import read_metrics
+from gptjax.logs import read_metrics
 from gptjax.train import Run
 
 INNER = os.environ.get("GPTJAX_EIGHT_DEVICE_TESTS") == "1"

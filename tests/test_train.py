@@ -9,7 +9,7 @@ from conftest import STORIES, run_cli, small_config, write_folder
 from gptjax import data as data_lib
 from gptjax import config as config_lib
 from gptjax.errors import UserError
-from gptjax.metrics import read_metrics
+from gptjax.logs import read_metrics
 from gptjax.train import Run
 
 
@@ -134,3 +134,11 @@ def test_text_runs_on_a_folder_and_on_jsonl_with_a_custom_field(tmp_path):
     assert any("val_bpb" in r and "val_ppl" in r for r in records)
     out = run_cli("gptjax.sample", f"--workdir={tmp_path / 'b'}", "--prompt=Tom", "--max_new_tokens=5", env=env)
     assert out.returncode == 0 and out.stdout.startswith("Tom"), out.stderr
+def test_a_prompt_the_tokenizer_cannot_encode_fails_before_training(text_file, tmp_path):
+    from gptjax.errors import UserError
+    from gptjax.train import Run
+
+    cfg = small_config(text_file, tmp_path / "run", **{"train.sample_every": 5, "train.sample_prompt": "Zebra"})
+    with pytest.raises(UserError, match="'Z'"):
+        Run(cfg, cfg.workdir, quiet=True)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
