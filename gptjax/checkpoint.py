@@ -313,3 +313,18 @@ def check_resume_config(saved: dict, new: dict, allow_change: bool, workdir: str
             "or use the run's own values (see its config.json)."
         )
     return [f"{k}: {old!r} -> {cur!r}" for k, old, cur, kind in diffs if kind == "changeable"]
+
+
+# ----------------------------------------------------------------------------- a plain params tree
+
+def save_tree(directory: str, tree) -> None:
+    """Write one pytree of arrays to a new folder (orbax StandardCheckpointer), blocking until done."""
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(os.path.abspath(directory), tree)
+        ckptr.wait_until_finished()
+
+
+def restore_tree(directory: str, abstract_tree):
+    """A pytree written by `save_tree`, restored onto `abstract_tree`'s shapes, dtypes and shardings."""
+    with ocp.StandardCheckpointer() as ckptr:
+        return ckptr.restore(os.path.abspath(directory), abstract_tree)

@@ -10,30 +10,83 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from absl import app, flags, logging
 from flax import nnx
 
+from gptjax import config as config_lib
 from gptjax import data as data_lib
-from gptjax.data import eval_windows
 from gptjax import quantize as quantize_lib
+from gptjax import sharding
 from gptjax.errors import UserError, exit_with
-from gptjax.metrics import bits_per_byte
-from gptjax.sample import load_run
+from gptjax.steps import token_losses
+from gptjax.workdir import Workdir, load_run
+
+
+# ----------------------------------------------------------------------------- loss -> perplexity, bits per byte
+
+def perplexity(mean_loss: float) -> float:
+    """exp(loss); capped where a float64 exp would overflow (a diverged model's loss)."""
+    return math.exp(min(mean_loss, 700.0))
+
+
+def bits_per_byte(mean_loss: float, n_tokens: int, n_bytes: int) -> float:
+    """Nats per token -> bits per UTF-8 byte of the text those tokens spell.
+
+    Comparable across tokenizers: a char model and a BPE model of the same
+    text are charged for the same bytes.
+    """
+    return mean_loss * n_tokens / (math.log(2) * max(1, n_bytes))
+
+
+# ----------------------------------------------------------------------------- the full-split pass
+
+def make_loss_sum_step(graphdef, params_sh=None, batch_sh=None, scalar_sh=None):
+    """jit(params, x, y, w) -> summed token loss over the rows of weight 1 (padding rows weigh 0).
+
+    With shardings (the trainer), FSDP-sharded weights are gathered for the
+    forward pass as in training; without, it runs on the default device.
+    """
+    gathered = None if params_sh is None else sharding.compute_shardings(params_sh)
+
+    def loss_sum(params, x, y, w):
+        if gathered is not None:
+            params = jax.lax.with_sharding_constraint(params, gathered)
+        losses = token_losses(nnx.merge(graphdef, params)(x), y)
+        return (losses.sum(axis=-1) * w).sum()
+
+    if params_sh is None:
+        return jax.jit(loss_sum)
+    return jax.jit(loss_sum, in_shardings=(params_sh, batch_sh, batch_sh, batch_sh), out_shardings=scalar_sh)
+
+
+def full_split_loss(loss_sum_step, params, x_NxT, y_NxT, batch_size: int, to_device=jnp.asarray) -> float:
+    """Mean loss per token over all windows, batch_size windows per call.
+
+    The last batch is padded with copies of its first window weighted 0, so
+    every call has one shape and compiles once.
+    """
+    n_windows = len(x_NxT)
+    total = 0.0
+    for start in range(0, n_windows, batch_size):
+        rows = np.arange(start, min(start + batch_size, n_windows))
+        w = np.zeros((batch_size,), np.float32)
+        w[: len(rows)] = 1.0
+        rows = np.concatenate([rows, np.full(batch_size - len(rows), rows[0])])
+        total += float(loss_sum_step(params, to_device(x_NxT[rows]), to_device(y_NxT[rows]), to_device(w)))
+    return total / max(1, y_NxT.size)
 
 
 def validation_ids(run, log) -> np.ndarray:
     """The validation split encoded with the run's own tokenizer (from the token cache when there)."""
-    import os
-
     # A training workdir keeps its tokenizer; a --save_quantized folder has no checkpoints/,
     # so its data is prepared without a workdir and must come out with the same tokenizer.
-    workdir = run.workdir if os.path.isdir(os.path.join(run.workdir, "checkpoints")) else None
+    workdir = run.workdir if os.path.isdir(Workdir(run.workdir).checkpoints) else None
     prepared = data_lib.prepare(run.cfg, workdir, log=log)
     if prepared.tokenizer.fingerprint() != run.tokenizer.fingerprint():
         raise UserError(f"the data of {run.workdir}'s config now tokenizes differently from its saved tokenizer; "
@@ -41,23 +94,11 @@ def validation_ids(run, log) -> np.ndarray:
     return np.asarray(prepared.val_ids)
 
 
-def make_loss_sum(graphdef):
-    @jax.jit
-    def loss_sum(params, x, y):
-        logits = nnx.merge(graphdef, params)(x)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, y).astype(jnp.float32).sum()
-
-    return loss_sum
-
-
 def evaluate(graphdef, params, x, y, n_bytes: int, batch_size: int = 32) -> dict:
     """val_loss (nats/token), perplexity and bits_per_byte over all windows."""
-    loss_sum = make_loss_sum(graphdef)
-    total = 0.0
-    for i in range(0, len(x), batch_size):
-        total += float(loss_sum(params, jnp.asarray(x[i:i + batch_size]), jnp.asarray(y[i:i + batch_size])))
-    loss = total / y.size
-    return {"val_loss": loss, "perplexity": math.exp(min(loss, 700.0)),
+    step = make_loss_sum_step(graphdef)
+    loss = full_split_loss(step, params, x, y, max(1, min(batch_size, len(x))))
+    return {"val_loss": loss, "perplexity": perplexity(loss),
             "bits_per_byte": bits_per_byte(loss, int(y.size), n_bytes), "tokens": int(y.size), "bytes": int(n_bytes)}
 
 
@@ -69,7 +110,7 @@ def run_eval(workdir: str, step: int | None = None, quantize: str = "none", batc
         raise UserError(f"--batch_size must be >= 1, got {batch_size}.")
     run = load_run(workdir, step)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)
-    x, y = eval_windows(validation_ids(run, log), run.cfg.model.block_size, max_windows)
+    x, y = data_lib.eval_windows(validation_ids(run, log), run.cfg.model.block_size, max_windows)
     n_bytes = int(np.asarray(run.tokenizer.token_bytes())[y].sum())
     stored = "float" if run.quantized == "none" else run.quantized
     results = [{"model": stored, "step": run.step, "param_bytes": run.param_bytes,
@@ -94,7 +135,7 @@ def format_result(r: dict, base: dict | None = None) -> str:
 def define_flags() -> None:
     flags.DEFINE_string("workdir", None, "Workdir of a training run (or a --save_quantized folder).")
     flags.DEFINE_integer("step", None, "Checkpoint step; default: the latest.")
-    flags.DEFINE_enum("quantize", "none", list(quantize_lib.SCHEMES), "Also score the model quantized this way.")
+    flags.DEFINE_enum("quantize", "none", list(config_lib.QUANTIZE_SCHEMES), "Also score the model quantized this way.")
     flags.DEFINE_integer("batch_size", 32, "Windows per forward pass.")
     flags.DEFINE_integer("max_windows", 0, "Score only the first N windows of the split; 0 = all.")
     flags.DEFINE_boolean("json", False, "Print one JSON object per model instead of a table line.")
@@ -118,6 +159,11 @@ def main(argv):
         exit_with(e)
 
 
-if __name__ == "__main__":
+def run_main() -> None:
+    """The `gptjax-eval` console script."""
     define_flags()
     app.run(main)
+
+
+if __name__ == "__main__":
+    run_main()

@@ -7,7 +7,6 @@ step per batch, evaluating, logging and checkpointing on the way.
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 import time
@@ -22,7 +21,9 @@ from ml_collections import config_flags
 
 from gptjax import config as config_lib
 from gptjax import data as data_lib
+from gptjax import decode as decode_lib
 from gptjax import diagnostics as diag_lib
+from gptjax import eval as eval_lib
 from gptjax import metrics as metrics_lib
 from gptjax import model as model_lib
 from gptjax import runtime
@@ -30,7 +31,7 @@ from gptjax import sharding
 from gptjax import faults
 from gptjax.checkpoint import Checkpointer, CheckpointWriteError, abstract_like, check_resume_config
 from gptjax.errors import UserError, exit_with
-from gptjax.metrics import MetricsLog, bits_per_byte, flops_per_token, peak_flops
+from gptjax.metrics import MetricsLog, flops_per_token, peak_flops
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Run config file (optionally FILE:SIZE).")
 # allow_override: gptjax.sample defines --workdir too, and a notebook imports both modules.
@@ -58,18 +59,6 @@ def prepare_data(cfg, workdir: str, log=print):
     data_lib.check_length(p.train_ids, cfg.model.block_size, "training")
     data_lib.check_length(p.val_ids, cfg.model.block_size, "validation")
     return p.tokenizer, p.train_ids, p.val_ids
-
-
-def make_eval_sum_step(graphdef, params_sh, batch_sh, scalar_sh):
-    """Summed loss over the rows whose weight is 1 (the padding rows of a last batch weigh 0)."""
-    gathered = sharding.compute_shardings(params_sh)
-
-    def eval_sum(params, x, y, w):
-        logits = nnx.merge(graphdef, jax.lax.with_sharding_constraint(params, gathered))(x)
-        losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), y)
-        return (losses.sum(axis=-1) * w).sum()
-
-    return jax.jit(eval_sum, in_shardings=(params_sh, batch_sh, batch_sh, batch_sh), out_shardings=scalar_sh)
 
 
 # ----------------------------------------------------------------------------- model + optimizer
@@ -172,17 +161,13 @@ def _shown(path: str) -> str:
 
 
 def encode_sample_prompt(tokenizer, prompt: str, block_size: int) -> np.ndarray:
-    from gptjax import sample as sample_lib  # imported on use: it defines the sample command's flags
-
-    return sample_lib.encode_prompt(tokenizer, prompt, block_size)
+    return decode_lib.encode_prompt(tokenizer, prompt, block_size)
 
 
 def generate_tokens(graphdef, params, prompt_ids: np.ndarray, seed: int, max_new_tokens: int,
                     vocab_size: int) -> np.ndarray:
-    """Prompt + `max_new_tokens` sampled ids (temperature 0.8, top-k 200) by gptjax.sample's generator."""
-    from gptjax import sample as sample_lib
-
-    return sample_lib.generate_ids(graphdef, params, prompt_ids, seed, max_new_tokens,
+    """Prompt + `max_new_tokens` sampled ids (temperature 0.8, top-k 200) by gptjax.sample's decoder."""
+    return decode_lib.generate_ids(graphdef, params, prompt_ids, seed, max_new_tokens,
                                    temperature=0.8, top_k=min(200, vocab_size))
 
 
@@ -421,8 +406,8 @@ class Run:
             losses = [self.eval_step(self.state["params"], x, y) for x, y in batches]
             loss = float(np.mean(jax.device_get(losses)))
             out[f"{split}_loss"] = loss
-            out[f"{split}_ppl"] = math.exp(min(loss, 700.0))
-            out[f"{split}_bpb"] = bits_per_byte(loss, n_tokens, n_bytes)
+            out[f"{split}_ppl"] = eval_lib.perplexity(loss)
+            out[f"{split}_bpb"] = eval_lib.bits_per_byte(loss, n_tokens, n_bytes)
         if t.eval_full and int(jax.device_get(self.state["step"])) >= t.steps:
             out.update(self.evaluate_full())
         return out
@@ -430,25 +415,17 @@ class Run:
     def evaluate_full(self) -> dict:
         """One pass over the validation split in consecutive block_size windows."""
         if not hasattr(self, "eval_sum_step"):
-            self.eval_sum_step = make_eval_sum_step(self.graphdef, self.params_sh, self.batch_sh, self.scalar_sh)
-        B = self.cfg.train.batch_size
+            self.eval_sum_step = eval_lib.make_loss_sum_step(self.graphdef, self.params_sh, self.batch_sh,
+                                                             self.scalar_sh)
         x_all, y_all = data_lib.eval_windows(np.asarray(self.val_ids), self.cfg.model.block_size)
-        n_windows = len(x_all)
         n_bytes = int(self._token_bytes[y_all].sum())
-        g = lambda a: sharding.to_global(a, self.mesh)
-        total = 0.0
-        for start in range(0, n_windows, B):
-            rows = np.arange(start, min(start + B, n_windows))
-            w = np.zeros((B,), np.float32)
-            w[: len(rows)] = 1.0  # the last batch is padded with copies of its first row, weighted 0
-            rows = np.concatenate([rows, np.full(B - len(rows), rows[0])])
-            total += float(self.eval_sum_step(self.state["params"], g(x_all[rows]), g(y_all[rows]), g(w)))
+        loss = eval_lib.full_split_loss(self.eval_sum_step, self.state["params"], x_all, y_all,
+                                        self.cfg.train.batch_size, to_device=lambda a: sharding.to_global(a, self.mesh))
         n_tokens = y_all.size
-        loss = total / max(1, n_tokens)
         self.log(f"full validation pass: {n_tokens:,} tokens, loss {loss:.4f}, "
-                 f"bits per byte {bits_per_byte(loss, n_tokens, n_bytes):.4f}")
-        return {"val_full_loss": loss, "val_full_ppl": math.exp(min(loss, 700.0)),
-                "val_full_bpb": bits_per_byte(loss, n_tokens, n_bytes), "val_full_tokens": n_tokens}
+                 f"bits per byte {eval_lib.bits_per_byte(loss, n_tokens, n_bytes):.4f}")
+        return {"val_full_loss": loss, "val_full_ppl": eval_lib.perplexity(loss),
+                "val_full_bpb": eval_lib.bits_per_byte(loss, n_tokens, n_bytes), "val_full_tokens": n_tokens}
 
     def save(self, step: int, val_loss: float | None = None, force: bool = False) -> None:
         self.nonfinite.check()  # never checkpoint past a run of bad steps that should have stopped it
