@@ -119,9 +119,8 @@ class TextStream:
         if at >= 0:
             end, last = at, True
         if not last:
-            end = len(text) - self.hold
-            if text.endswith("\ufffd"):  # a multi-byte character still arriving
-                end = min(end, len(text) - 1)
+            arrived = len(text) - text.endswith("\ufffd")  # a multi-byte character may still be arriving
+            end = arrived - self.hold
         piece = text[self.shown:end] if end > self.shown else ""
         self.shown = max(self.shown, end)
         self.finished = last
@@ -132,11 +131,12 @@ class TextStream:
     def _forget(self, text: str) -> None:
         if len(self.ids) <= 2 * self.CONTEXT:
             return
-        kept = self.ids[-self.CONTEXT:]
-        kept_text = self.tokenizer.decode(np.asarray(kept, np.int32))
-        dropped = len(text) - len(kept_text)
-        if text.endswith(kept_text) and dropped <= self.shown and not kept_text.startswith("\ufffd"):
-            self.ids, self.shown = kept, self.shown - dropped
+        for n in range(self.CONTEXT, self.CONTEXT + 4):  # one of 4 starts is a character boundary (UTF-8)
+            kept_text = self.tokenizer.decode(np.asarray(self.ids[-n:], np.int32))
+            dropped = len(text) - len(kept_text)
+            if text.endswith(kept_text) and dropped <= self.shown and not kept_text.startswith("\ufffd"):
+                self.ids, self.shown = self.ids[-n:], self.shown - dropped
+                return
 
 
 # ----------------------------------------------------------------------------- the Python API
