@@ -21,15 +21,14 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 from flax import nnx
 
 from gptjax import config as config_lib
 from gptjax import kernels
+from gptjax import decode
 from gptjax import model as model_lib
-from gptjax import sample as sample_lib
 from gptjax import runtime
 from gptjax.errors import UserError, exit_with
 
@@ -55,19 +54,14 @@ flags.DEFINE_integer("sample_repeats", 3, "Timed runs per setting; the fastest c
 def _timed_generate(graphdef, params, block: int, vocab_size: int, n_new: int, use_cache: bool, repeats: int) -> float:
     """Seconds for the fastest of `repeats` generations of n_new tokens (compiled beforehand)."""
     prompt_len = block // 2
-    tokens = np.zeros((1, block + n_new), np.int32)
-    tokens[0, :prompt_len] = np.random.default_rng(0).integers(0, vocab_size, prompt_len)
-    settings = {
-        "temperature": jnp.float32(1.0), "top_k": jnp.int32(0), "top_p": jnp.float32(1.0), "eot": jnp.int32(-1),
-        "stop_ids": jnp.zeros((0,), jnp.int32), "prompt_len": jnp.int32(prompt_len),
-        "max_len": jnp.int32(prompt_len + n_new),
-    }
-    args = (graphdef, params, jnp.asarray(tokens), prompt_len, jax.random.key(0), settings)
-    jax.block_until_ready(sample_lib.generate(*args, use_cache=use_cache))  # compile
+    prompt = np.random.default_rng(0).integers(0, vocab_size, prompt_len)
+    window, settings = decode.request(prompt, 1, block, n_new, temperature=1.0, top_k=0, top_p=1.0)
+    args = (graphdef, params, window, prompt_len, jax.random.key(0), settings)
+    jax.block_until_ready(decode.generate(*args, n_new=n_new, use_cache=use_cache))  # compile
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
-        jax.block_until_ready(sample_lib.generate(*args, use_cache=use_cache))
+        jax.block_until_ready(decode.generate(*args, n_new=n_new, use_cache=use_cache))
         best = min(best, time.perf_counter() - t0)
     return best
 

@@ -408,3 +408,18 @@ class _captured_stderr:
 def abstract_like(tree, shardings):
     """ShapeDtypeStructs with the given shardings: the restore target."""
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+# ----------------------------------------------------------------------------- a plain params tree
+
+def save_tree(directory: str, tree) -> None:
+    """Write one pytree of arrays to a new folder (orbax StandardCheckpointer), blocking until done."""
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(os.path.abspath(directory), tree)
+        ckptr.wait_until_finished()
+
+
+def restore_tree(directory: str, abstract_tree):
+    """A pytree written by `save_tree`, restored onto `abstract_tree`'s shapes, dtypes and shardings."""
+    with ocp.StandardCheckpointer() as ckptr:
+        return ckptr.restore(os.path.abspath(directory), abstract_tree)

@@ -20,9 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from gptjax.errors import UserError
-
-SCHEMES = ("none", "int8")
+from gptjax.config import QUANTIZE_SCHEMES, require_choice
 
 
 def quantize_int8(w, axis: int):
@@ -106,8 +104,7 @@ def _swap(module) -> None:
 
 
 def check_scheme(scheme: str) -> None:
-    if scheme not in SCHEMES:
-        raise UserError(f"--quantize must be one of {', '.join(SCHEMES)}; got {scheme!r}.")
+    require_choice("--quantize", scheme, QUANTIZE_SCHEMES)
 
 
 def tree_bytes(tree) -> int:

@@ -51,39 +51,6 @@ class RunData:
     data_id: dict  # what the tokenizer was built from (saved beside it in the workdir)
 
 
-class Evaluator:
-    """Loss, perplexity and bits per byte on fixed sampled batches of each split, and on the whole
-    validation split (`full`). The same batches at every evaluation: comparable numbers."""
-
-    def __init__(self, cfg, setup: steps_lib.TrainSetup, data: RunData):
-        self.cfg, self.setup, self.data = cfg, setup, data
-        self.step = steps_lib.make_eval_step(setup)
-        self.sum_step = steps_lib.make_eval_sum_step(setup.graphdef, setup.params_sh, setup.batch_sh,
-                                                     setup.scalar_sh)
-        m, t = cfg.model, cfg.train
-        self.batches = {}
-        for split, ids, stream in (("train", data.train_ids, data_lib.EVAL_TRAIN_STREAM),
-                                   ("val", data.val_ids, data_lib.EVAL_VAL_STREAM)):
-            batches, n_bytes = [], 0
-            for i in range(t.eval_steps):
-                x, y = data_lib.get_batch(ids, m.block_size, t.batch_size, t.seed, i, stream)
-                n_bytes += int(data.token_bytes[y].sum())
-                batches.append((sharding.to_global(x, setup.mesh), sharding.to_global(y, setup.mesh)))
-            self.batches[split] = (batches, n_bytes, t.eval_steps * t.batch_size * m.block_size)
-
-    def __call__(self, params, full: bool = False) -> dict:
-        out = {}
-        for split, (batches, n_bytes, n_tokens) in self.batches.items():
-            loss = float(np.mean(jax.device_get([self.step(params, x, y) for x, y in batches])))
-            out.update({f"{split}_{k}": v for k, v in eval_lib.scores(loss, n_tokens, n_bytes).items()})
-        if full:
-            put = lambda a: sharding.to_global(a, self.setup.mesh)
-            res = eval_lib.evaluate_windows(self.sum_step, params, self.data.val_ids, self.cfg.model.block_size,
-                                            self.data.token_bytes, self.cfg.train.batch_size, put=put)
-            out.update({f"val_full_{k}": v for k, v in res.items()})
-        return out
-
-
 class Trainer:
     """Runs the loop over a built train state; see `build`."""
 
@@ -95,7 +62,7 @@ class Trainer:
         self.state = setup.state
         self.start, self.resumed, self.config_changes = start, resumed, config_changes
         self.sample_prompt = sample_prompt
-        self.evaluate = Evaluator(cfg, setup, data)
+        self.evaluate = eval_lib.Evaluator(cfg, setup, data)
         self.batch_rows = sharding.process_rows(setup.mesh, t.batch_size)  # this process's share
         self.tokens_per_step = t.batch_size * m.block_size
         counts = model_lib.param_counts(self.state["params"])

@@ -10,7 +10,9 @@
       quantization.json + quantized/   only in a folder written by `gptjax.sample --save_quantized`
 
 Every other module gets the paths it needs from a `Workdir`, never by
-spelling a file name itself.
+spelling a file name itself. Below the names: reading and writing the
+config, loading a run's model for sampling and evaluation (`load_run`), and
+writing a quantized copy that loads like a workdir (`save_quantized`).
 """
 
 from __future__ import annotations
@@ -19,9 +21,18 @@ import dataclasses
 import fcntl
 import json
 import os
+import sys
 
-from gptjax import tokenizers as tok_lib
+import jax
+from flax import nnx
+
+from gptjax import checkpoint as checkpoint_lib
+from gptjax import config as config_lib
+from gptjax import model as model_lib
+from gptjax import quantize as quantize_lib
 from gptjax.errors import UserError
+from gptjax import tokenizers as tok_lib
+from gptjax.tokenizers import load_tokenizer
 
 CONFIG_FILE = "config.json"
 TOKENIZER_DIR = "tokenizer"
@@ -105,7 +116,7 @@ class Workdir:
         return os.path.isdir(d) and any(name.isdigit() for name in os.listdir(d))
 
 
-# ---- the live trainer's lock
+# ----------------------------------------------------------------------------- the live trainer's lock
 
 class TrainLock:
     """An exclusive lock on a workdir, held by the one trainer writing it.
@@ -143,7 +154,7 @@ class TrainLock:
         self.release()
 
 
-# ---- tokenizer and data identity
+# ----------------------------------------------------------------------------- tokenizer and data identity
 
 def kept_tokenizer(wd: Workdir) -> tuple[str | None, dict | None]:
     """(tokenizer folder, data identity) that a run here must keep, or (None, None).
@@ -170,14 +181,106 @@ def save_tokenizer(wd: Workdir, tokenizer: tok_lib.Tokenizer, data_id: dict) -> 
         json.dump(data_id, f, ensure_ascii=False)
     os.replace(tmp, wd.data_id)
     tokenizer.save(wd.tokenizer)  # its tokenizer.json, written last, marks the folder complete
-# ---- import/export
+# ----------------------------------------------------------------------------- the config
+
+def read_config(wd: Workdir):
+    """The run config saved in the workdir, with keys newer code added filled in."""
+    if not os.path.exists(wd.config):
+        raise UserError(f"{wd.root} has no {CONFIG_FILE}; is it a gptjax workdir? Train with --workdir {wd.root}.")
+    with open(wd.config, encoding="utf-8") as f:
+        return config_lib.from_json(f.read())
+
 
 def write_config(wd: Workdir, cfg) -> None:
     """Write the resolved run config as config.json (whole or not at all)."""
-    from gptjax import config as config_lib
-
     os.makedirs(wd.root, exist_ok=True)
     tmp = wd.config + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(config_lib.to_json(cfg))
     os.replace(tmp, wd.config)
+
+
+# ----------------------------------------------------------------------------- loading a run
+
+@dataclasses.dataclass
+class LoadedRun:
+    """A restored model, its config and tokenizer: what sampling and evaluation start from."""
+
+    workdir: str
+    cfg: object
+    tokenizer: object
+    graphdef: object
+    params: dict
+    step: int
+    quantized: str  # "none" | "int8"
+    float_bytes: int  # parameter bytes of the float model
+    param_bytes: int  # parameter bytes as loaded
+
+
+def _abstract(cfg, scheme: str):
+    """(graphdef, restore target on the first local device) of the model quantized by `scheme`."""
+    abstract = nnx.eval_shape(lambda: quantize_lib.quantize_model(model_lib.GPT(cfg.model, rngs=nnx.Rngs(0)), scheme))
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=device),
+                          nnx.to_pure_dict(nnx.state(abstract)))
+    return nnx.graphdef(abstract), target
+
+
+def load_run(workdir: str, step: int | None = None, quantize: str = "none") -> LoadedRun:
+    """The model of a workdir (or of a folder written by --save_quantized), optionally quantized.
+
+    Reads only: a damaged newer checkpoint is reported and the newest one that
+    restores is used, nothing is moved (a live run may be writing here).
+    """
+    quantize_lib.check_scheme(quantize)
+    wd = Workdir(workdir)
+    cfg = read_config(wd)
+    tokenizer = load_tokenizer(wd.tokenizer)
+    float_bytes = quantize_lib.tree_bytes(_abstract(cfg, "none")[1])
+    if os.path.exists(wd.quantized_meta):
+        with open(wd.quantized_meta, encoding="utf-8") as f:
+            meta = json.load(f)
+        if step is not None and step != meta["step"]:
+            raise UserError(f"{workdir} holds a quantized model of step {meta['step']} only; drop --step.")
+        graphdef, target = _abstract(cfg, meta["scheme"])
+        params = checkpoint_lib.restore_tree(wd.quantized_params, target)
+        return LoadedRun(workdir, cfg, tokenizer, graphdef, params, meta["step"], meta["scheme"], float_bytes,
+                         quantize_lib.tree_bytes(params))
+
+    ckpt = checkpoint_lib.Checkpointer(Workdir(workdir).checkpoints, create=False, async_save=False)
+    try:
+        steps = ckpt.steps()
+        if not steps:
+            raise UserError(f"{workdir} has no checkpoint yet; train first with --workdir {workdir}.")
+        if step is not None and step not in steps:
+            raise UserError(f"no checkpoint at step {step} in {workdir}; steps with checkpoints: {steps}.")
+        graphdef, target = _abstract(cfg, "none")
+        if step is None:  # the newest that restores; a damaged newer one is reported, never moved
+            step, params, _, _ = ckpt.restore_newest(
+                target, log=lambda msg: print(msg, file=sys.stderr, flush=True), move_broken=False)
+        else:
+            params = ckpt.restore_one(step, target)
+    finally:
+        ckpt.close()
+    if quantize != "none":
+        model = quantize_lib.quantize_model(nnx.merge(graphdef, params), quantize)
+        graphdef, params = nnx.graphdef(model), nnx.to_pure_dict(nnx.state(model))
+    return LoadedRun(workdir, cfg, tokenizer, graphdef, params, step, quantize, float_bytes,
+                     quantize_lib.tree_bytes(params))
+
+
+def save_quantized(run: LoadedRun, directory: str) -> None:
+    """Write a quantized model as a folder that sample/eval load like a workdir."""
+    if run.quantized == "none":
+        raise UserError("--save_quantized needs --quantize int8.")
+    if os.path.exists(directory) and os.listdir(directory):
+        raise UserError(f"--save_quantized folder {directory} exists and is not empty; give a new folder.")
+    wd = Workdir(directory)
+    os.makedirs(directory, exist_ok=True)
+    checkpoint_lib.save_tree(wd.quantized_params, run.params)
+    write_config(wd, run.cfg)
+    run.tokenizer.save(wd.tokenizer)
+    # Written last: it marks the folder as complete.
+    with open(wd.quantized_meta, "w", encoding="utf-8") as f:
+        json.dump({"scheme": run.quantized, "step": run.step, "param_bytes": run.param_bytes,
+                   "float_bytes": run.float_bytes}, f, indent=2)

@@ -1,15 +1,22 @@
-"""`gptjax.eval`: windows cover the split once, bits per byte, the CLI with --quantize."""
+"""`gptjax.eval`: the one full-split pass (shared with the trainer), perplexity, bits per byte, the CLI."""
 
 import json
+import logging
 import math
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from conftest import run_cli
+from gptjax import config as config_lib
 from gptjax import data as data_lib
 from gptjax import eval as eval_lib
+from gptjax import steps as steps_lib
 from gptjax.eval import bits_per_byte
+from gptjax import model as model_lib
 from gptjax.errors import UserError
 
 
@@ -22,13 +29,46 @@ def test_windows_score_every_token_once():
     assert data_lib.eval_windows(ids, 8, max_windows=2)[0].shape == (2, 8)
 
 
-def test_bits_per_byte():
-    assert math.isclose(bits_per_byte(math.log(2), 100, 100), 1.0)
+def test_bits_per_byte_and_perplexity():
+    assert math.isclose(eval_lib.bits_per_byte(math.log(2), 100, 100), 1.0)
     # a uniform guess over 256 byte values costs 8 bits per byte; 4 bytes per token: 2 bits per byte
-    assert math.isclose(bits_per_byte(math.log(256), 50, 50), 8.0)
-    assert math.isclose(bits_per_byte(math.log(256), 50, 200), 2.0)
+    assert math.isclose(eval_lib.bits_per_byte(math.log(256), 50, 50), 8.0)
+    assert math.isclose(eval_lib.bits_per_byte(math.log(256), 50, 200), 2.0)
+    assert math.isclose(eval_lib.perplexity(math.log(65)), 65.0)
+    assert math.isfinite(eval_lib.perplexity(1e6))  # a diverged loss does not overflow
 
 
+def test_full_split_loss_is_the_mean_over_every_window_with_one_compiled_shape():
+    c = config_lib.base_config().model
+    c.n_layer, c.n_head, c.n_embd, c.block_size, c.vocab_size = 2, 2, 32, 8, 40
+    graphdef, state = nnx.split(model_lib.GPT(c, rngs=nnx.Rngs(0)))
+    params = jax.tree.map(lambda a: a * 10 if a.ndim == 2 else a, nnx.to_pure_dict(state))
+    ids = np.random.default_rng(0).integers(0, 40, 8 * 7 + 1)
+    x, y = data_lib.eval_windows(ids, 8)  # 7 windows: batches of 3 leave a last batch of 1
+    logits = nnx.merge(graphdef, params)(jnp.asarray(x))
+    log_p = jax.nn.log_softmax(np.asarray(logits, np.float64), axis=-1)
+    expected = -np.take_along_axis(log_p, y[..., None], axis=-1).mean()
+    compiled = []
+    handler = logging.Handler()
+    handler.emit = lambda r: compiled.append(r.getMessage()) if r.getMessage().startswith("Compiling jit(loss_sum)") else None
+    logging.getLogger("jax").addHandler(handler)
+    try:
+        with jax.log_compiles():
+            step = steps_lib.make_eval_sum_step(graphdef)
+            got = eval_lib.full_split_loss(step, params, x, y, batch_size=3)
+    finally:
+        logging.getLogger("jax").removeHandler(handler)
+    assert math.isclose(got, expected, rel_tol=1e-5), (got, expected)
+    assert len(compiled) == 1, compiled
+    assert math.isclose(eval_lib.full_split_loss(step, params, x, y, batch_size=7), got, rel_tol=1e-6)
+
+
+def test_eval_of_a_missing_step_lists_the_saved_ones(trained_workdir):
+    with pytest.raises(UserError, match=r"no checkpoint at step 3 .*\[.*50, 60\]"):
+        eval_lib.run_eval(trained_workdir, step=3)
+
+
+@pytest.mark.slow
 def test_eval_cli_reports_float_and_int8(trained_workdir):
     proc = run_cli("gptjax.eval", f"--workdir={trained_workdir}", "--quantize=int8", "--json")
     assert proc.returncode == 0, proc.stderr
@@ -42,11 +82,6 @@ def test_eval_cli_reports_float_and_int8(trained_workdir):
                         rel_tol=1e-9)
     assert i8["param_bytes"] <= 0.3 * f32["param_bytes"]
     assert abs(i8["val_loss"] / f32["val_loss"] - 1) < 0.01
-
-
-def test_eval_of_a_missing_step_lists_the_saved_ones(trained_workdir):
-    with pytest.raises(UserError, match=r"no checkpoint at step 3 .*\[.*50, 60\]"):
-        eval_lib.run_eval(trained_workdir, step=3)
 
 
 def test_bits_per_byte_by_hand():

@@ -8,7 +8,7 @@ from flax import nnx
 
 from gptjax import model as model_lib
 from gptjax import quantize as q
-from gptjax import sample as sample_lib
+from gptjax import decode
 from gptjax.errors import UserError
 
 
@@ -60,12 +60,9 @@ def test_quantized_model_generates_with_the_cache_like_recomputation():
     model = q.quantize_model(model_lib.GPT(cfg, rngs=nnx.Rngs(0)))
     graphdef, params = nnx.graphdef(model), nnx.to_pure_dict(nnx.state(model))
     P, n_new = 3, 20
-    tokens = np.zeros((1, cfg.block_size + n_new), np.int32)
-    tokens[0, :P] = [4, 8, 15]
-    s = {"temperature": jnp.float32(0), "top_k": jnp.int32(0), "top_p": jnp.float32(1), "eot": jnp.int32(-1),
-         "stop_ids": jnp.zeros((0,), jnp.int32), "prompt_len": jnp.int32(P), "max_len": jnp.int32(P + n_new)}
-    a = sample_lib.generate(graphdef, params, jnp.asarray(tokens), P, jax.random.key(0), s, use_cache=True)[0]
-    b = sample_lib.generate(graphdef, params, jnp.asarray(tokens), P, jax.random.key(0), s, use_cache=False)[0]
+    window, s = decode.request([4, 8, 15], 1, cfg.block_size, n_new, temperature=0.0, top_k=0, top_p=1.0)
+    a = decode.generate(graphdef, params, window, P, jax.random.key(0), s, n_new=n_new, use_cache=True)[0]
+    b = decode.generate(graphdef, params, window, P, jax.random.key(0), s, n_new=n_new, use_cache=False)[0]
     np.testing.assert_array_equal(a, b)
 
 
