@@ -55,12 +55,14 @@ class Trainer:
     """Runs the loop over a built train state; see `build`."""
 
     def __init__(self, cfg, setup: steps_lib.TrainSetup, data: RunData, ckpt: Checkpointer, report: Reporter,
-                 start: int, resumed: bool, config_changes: list[str], sample_prompt: np.ndarray | None,
+                 resumed_from: int | None, config_changes: list[str], sample_prompt: np.ndarray | None,
                  lock=None):
         t, m = cfg.train, cfg.model
         self.cfg, self.setup, self.data, self.ckpt, self.report = cfg, setup, data, ckpt, report
         self.state = setup.state
-        self.start, self.resumed, self.config_changes = start, resumed, config_changes
+        self.resumed_from = resumed_from  # the step of the checkpoint restored; None: a fresh start
+        self.start = resumed_from or 0
+        self.config_changes = config_changes
         self.sample_prompt = sample_prompt
         self.evaluate = eval_lib.Evaluator(cfg, setup, data)
         self.batch_rows = sharding.process_rows(setup.mesh, t.batch_size)  # this process's share
@@ -95,17 +97,16 @@ class Trainer:
                  if every]
         return k if step + k <= min(ends) else 1
 
-    def batch(self, step: int, ids=None, stream: int = data_lib.TRAIN_STREAM):
-        """The global [B, T] batch of `step` (this process loads only its rows)."""
+    def batch(self, ids, step: int, stream: int = data_lib.TRAIN_STREAM):
+        """The global [B, T] batch of `step` from `ids` (this process loads only its rows)."""
         m, t = self.cfg.model, self.cfg.train
-        ids = self.data.train_ids if ids is None else ids
         x, y = data_lib.get_batch(ids, m.block_size, t.batch_size, t.seed, step, stream, rows=self.batch_rows)
         return sharding.to_global(x, self.setup.mesh, t.batch_size), sharding.to_global(y, self.setup.mesh, t.batch_size)
 
     def train_batches(self, step: int, k: int):
         """The batches of steps step..step+k-1: [B, T] for k = 1, else stacked [k, B, T]."""
         if k == 1:
-            return self.batch(step)
+            return self.batch(self.data.train_ids, step)
         m, t = self.cfg.model, self.cfg.train
         xy = [data_lib.get_batch(self.data.train_ids, m.block_size, t.batch_size, t.seed, s, data_lib.TRAIN_STREAM,
                                  rows=self.batch_rows) for s in range(step, step + k)]
@@ -170,7 +171,7 @@ class Trainer:
             val_loss = last["val_loss"]
             window.restart()  # eval time is not training throughput
         if t.diagnostics_every and done % t.diagnostics_every == 0:
-            x, y = batch if batch is not None else self.batch(done)
+            x, y = batch if batch is not None else self.batch(self.data.train_ids, done)
             if x.ndim == 3:  # a stack of the next call's batches: the first is the next step's
                 x, y = x[0], y[0]
             stats = jax.device_get(self.diagnostics(self.state, x, y))
@@ -199,7 +200,7 @@ class Trainer:
 
     def _announce(self) -> None:
         self.report.describe(self.setup.mesh, self.data, self.state["params"])
-        if self.resumed:
+        if self.resumed_from is not None:
             self.report.say(f"resumed from the checkpoint at step {self.start} in {self.ckpt.directory}")
         for change in self.config_changes:
             self.report.say(f"config change accepted on resume: {change}")
@@ -357,7 +358,7 @@ def _build(cfg, wd: Workdir, quiet: bool, devices, main: bool, lock) -> Trainer:
         cfg.log, cfg.to_dict(), wd.tensorboard, wd.root, say=console.say) if main else ())
     report = Reporter(cfg, wd, console, log, cfg.train.batch_size * cfg.model.block_size, main)
     start = _restore(ckpt, setup, log)
-    return Trainer(cfg, setup, data, ckpt, report, start or 0, start is not None, changes, prompt, lock)
+    return Trainer(cfg, setup, data, ckpt, report, start, changes, prompt, lock)
 
 
 def _check_resume(cfg, wd: Workdir) -> list[str]:

@@ -48,10 +48,10 @@ def main(argv):
         cfg.train.eval_every = cfg.train.checkpoint_every = 10**9
     with tempfile.TemporaryDirectory() as workdir:
         run = train.Run(cfg, workdir, quiet=True)
-        x, y = run.batch(run.train_ids, 0, data_lib.TRAIN_STREAM)
+        x, y = run.batch(run.data.train_ids, 0, data_lib.TRAIN_STREAM)
 
         def step():
-            run.state, out = run.train_step(run.state, x, y)
+            run.state, out = run.step_fn(1)(run.state, x, y)
             return out
 
         step()  # compile

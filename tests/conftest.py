@@ -85,7 +85,7 @@ def shared_data_dir():
 @pytest.fixture(scope="session")
 def trained_workdir(tmp_path_factory):
     """A small character model trained for 60 steps (newest checkpoints at 40, 50, 60), shared by sample/eval tests."""
-    from gptjax.train import Run
+    from gptjax.trainer import build as Run
 
     root = tmp_path_factory.mktemp("trained")
     text = root / "corpus.txt"

@@ -18,7 +18,7 @@ from gptjax import faults
 from gptjax.checkpoint import Checkpointer, abstract_like
 from gptjax.errors import UserError
 from gptjax.logs import read_metrics
-from gptjax.train import Run
+from gptjax.trainer import build as Run
 from gptjax.workdir import Workdir
 
 
@@ -84,15 +84,15 @@ def test_save_then_restore_gives_identical_params_and_next_step_loss(text_file, 
     run = Run(cfg, cfg.workdir, quiet=True)
     run.train(stop_at=10)
     params_before = jax.device_get(run.state["params"])
-    x, y = run.batch(run.train_ids, 10, data_lib.TRAIN_STREAM)
-    _, out_before = run.train_step(run.state, x, y)
+    x, y = run.batch(run.data.train_ids, 10, data_lib.TRAIN_STREAM)
+    _, out_before = run.step_fn(1)(run.state, x, y)
 
     again = Run(small_config(text_file, tmp_path / "run"), cfg.workdir, quiet=True)
     assert again.resumed_from == 10
     params_after = jax.device_get(again.state["params"])
     jax.tree.map(np.testing.assert_array_equal, params_before, params_after)
     assert int(again.state["step"]) == 10
-    _, out_after = again.train_step(again.state, x, y)
+    _, out_after = again.step_fn(1)(again.state, x, y)
     assert float(out_before["loss"]) == float(out_after["loss"])
 
 
@@ -156,8 +156,8 @@ def test_when_no_checkpoint_restores_nothing_is_moved_and_the_error_lists_them(t
     before = tree_snapshot(workdir)
     ckpt = checkpointer(workdir)
     with pytest.raises(UserError, match=r"no checkpoint in .* restores \(step 6: .*step 4: .*step 2: .*Nothing was deleted"):
-        ckpt.restore_newest(abstract_like(run.state["params"], run.params_sh),
-                            abstract_like(run.state["opt_state"], run.opt_sh))
+        ckpt.restore_newest(abstract_like(run.state["params"], run.setup.params_sh),
+                            abstract_like(run.state["opt_state"], run.setup.state_sh["opt_state"]))
     ckpt.close()
     assert tree_snapshot(workdir) == before
 

@@ -50,7 +50,7 @@ def test_full_split_loss_is_the_mean_over_every_window_with_one_compiled_shape()
     expected = -np.take_along_axis(log_p, y[..., None], axis=-1).mean()
     compiled = []
     handler = logging.Handler()
-    handler.emit = lambda r: compiled.append(r.getMessage()) if r.getMessage().startswith("Compiling jit(loss_sum)") else None
+    handler.emit = lambda r: compiled.append(r.getMessage()) if r.getMessage().startswith("Compiling jit(eval_sum)") else None
     logging.getLogger("jax").addHandler(handler)
     try:
         with jax.log_compiles():

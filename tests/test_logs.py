@@ -53,7 +53,7 @@ def fresh_run(tmp_path_factory):
     import contextlib
     import io
 
-    from gptjax.train import Run
+    from gptjax.trainer import build as Run
 
     root = tmp_path_factory.mktemp("logs")
     text = root / "corpus.txt"

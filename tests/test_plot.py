@@ -16,7 +16,7 @@ from gptjax.logs import read_metrics
 def resumed_workdir(tmp_path_factory):
     """A run stopped at step 10, that also left records past its checkpoint (a crash), then resumed to 20."""
     from conftest import SAMPLE_TEXT
-    from gptjax.train import Run
+    from gptjax.trainer import build as Run
 
     root = tmp_path_factory.mktemp("plot")
     text = root / "corpus.txt"
@@ -167,7 +167,7 @@ def to_old_format(workdir):
 def test_an_old_workdir_still_plots_resumes_and_compares_with_a_new_one(resumed_workdir, tmp_path):
     from conftest import SAMPLE_TEXT
     from gptjax.history import best_val, history, record_kind
-    from gptjax.train import Run
+    from gptjax.trainer import build as Run
 
     text = tmp_path / "corpus.txt"
     text.write_text(SAMPLE_TEXT, encoding="utf-8")

@@ -25,7 +25,7 @@ from gptjax.checkpoint import Checkpointer, abstract_like
 from gptjax.config import check_resume_config
 from gptjax.errors import UserError
 from gptjax.logs import read_metrics
-from gptjax.train import Run
+from gptjax.trainer import build as Run
 from gptjax.workdir import Workdir
 
 # ----------------------------------------------------------------------------- helpers
@@ -254,16 +254,16 @@ def test_sampling_uses_the_newest_checkpoint_that_restores_and_changes_nothing(t
 
 def test_a_poisoned_batch_is_skipped_inside_the_step(trained):
     run, _, _ = trained
-    x, y = run.batch(run.train_ids, 6, data_lib.TRAIN_STREAM)
+    x, y = run.batch(run.data.train_ids, 6, data_lib.TRAIN_STREAM)
     y_bad = np.asarray(jax.device_get(y)).copy()
-    y_bad[0, 0] = run.tokenizer.vocab_size + 7  # a corrupt token id: the loss is NaN
+    y_bad[0, 0] = run.data.tokenizer.vocab_size + 7  # a corrupt token id: the loss is NaN
     before = jax.device_get(run.state)
-    state, out = run.train_step(run.state, x, sharding.to_global(y_bad, run.mesh))
+    state, out = run.step_fn(1)(run.state, x, sharding.to_global(y_bad, run.setup.mesh))
     assert not bool(out["finite"]) and not np.isfinite(float(out["loss"]))
     assert_same_params(before["params"], state["params"])
     assert_same_params(before["opt_state"], state["opt_state"])
     assert int(state["step"]) == before["step"] + 1  # the batch is consumed: batch k stays f(seed, k)
-    state, out = run.train_step(state, x, y)  # the next good batch updates as usual
+    state, out = run.step_fn(1)(state, x, y)  # the next good batch updates as usual
     assert bool(out["finite"])
     changed = jax.tree.leaves(jax.tree.map(lambda a, b: not np.array_equal(a, b),
                                            jax.device_get(state["params"]), before["params"]))
@@ -292,8 +292,8 @@ def test_lr_1e6_diverges_and_stops_after_max_bad_steps_keeping_the_last_good_che
     assert [records[s].get("skipped_steps") for s in range(first, first + 3)] == [1, 2, 3]  # counted, logged
     # The skipped updates left the state as the last good checkpoint holds it.
     ckpt = Checkpointer(Workdir(cfg.workdir).checkpoints)
-    params, opt_state, _ = ckpt.restore(good, abstract_like(run.state["params"], run.params_sh),
-                                        abstract_like(run.state["opt_state"], run.opt_sh))
+    params, opt_state, _ = ckpt.restore(good, abstract_like(run.state["params"], run.setup.params_sh),
+                                        abstract_like(run.state["opt_state"], run.setup.state_sh["opt_state"]))
     ckpt.close()
     assert_same_params(params, run.state["params"])
     assert_same_params(opt_state, run.state["opt_state"])

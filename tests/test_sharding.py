@@ -24,7 +24,7 @@ from gptjax import model as model_lib
 from gptjax import sharding
 from gptjax.errors import UserError
 from gptjax.logs import read_metrics
-from gptjax.train import Run
+from gptjax.trainer import build as Run
 
 INNER = os.environ.get("GPTJAX_EIGHT_DEVICE_TESTS") == "1"
 eight_devices = pytest.mark.skipif(not INNER, reason="runs inside test_eight_device_tests")
@@ -54,8 +54,8 @@ def make_run(text_file, workdir, mesh, **overrides):
 def train_steps(run, steps, start=0):
     losses = []
     for step in range(start, start + steps):
-        x, y = run.batch(run.train_ids, step, data_lib.TRAIN_STREAM)
-        run.state, out = run.train_step(run.state, x, y)
+        x, y = run.batch(run.data.train_ids, step, data_lib.TRAIN_STREAM)
+        run.state, out = run.step_fn(1)(run.state, x, y)
         losses.append(float(out["loss"]))
     return losses
 
@@ -77,7 +77,7 @@ def shard_shapes(array):
 
 
 def logits_of(run, params, x):
-    return jax.jit(lambda p, x: nnx.merge(run.graphdef, p)(x))(params, x)
+    return jax.jit(lambda p, x: nnx.merge(run.setup.graphdef, p)(x))(params, x)
 
 
 # ----------------------------------------------------------------------------- rules (no devices needed)
@@ -167,10 +167,10 @@ def test_sharded_losses_match_one_device_and_shards_split_memory(name, text_file
         run = make_run(text_file, tmp_path / "run", MESHES[name])
         np.testing.assert_allclose(train_steps(run, 10), ref_losses, rtol=0, atol=1e-4)
         assert not np.allclose(ref_losses[0], ref_losses[-1], atol=1e-3)  # it trained: the check has teeth
-    assert dict(run.mesh.shape) == {"data": data, "fsdp": fsdp, "tensor": tensor}
+    assert dict(run.setup.mesh.shape) == {"data": data, "fsdp": fsdp, "tensor": tensor}
     # The global batch is the one-device batch, its rows split over data x fsdp.
-    x, _ = run.batch(run.train_ids, 3, data_lib.TRAIN_STREAM)
-    np.testing.assert_array_equal(np.asarray(x), data_lib.get_batch(run.train_ids, 16, 8, run.cfg.train.seed, 3)[0])
+    x, _ = run.batch(run.data.train_ids, 3, data_lib.TRAIN_STREAM)
+    np.testing.assert_array_equal(np.asarray(x), data_lib.get_batch(run.data.train_ids, 16, 8, run.cfg.train.seed, 3)[0])
     assert shard_shapes(x) == {(8 // (data * fsdp), 16)}
 
     D = run.cfg.model.n_embd

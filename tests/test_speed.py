@@ -10,7 +10,8 @@ import pytest
 from conftest import run_cli, small_config
 from gptjax import runtime
 from gptjax.logs import read_metrics
-from gptjax.train import Run, loss_fn
+from gptjax.steps import loss_fn
+from gptjax.trainer import build as Run
 
 
 def _leaves(tree):
@@ -39,9 +40,9 @@ def test_remat_gives_the_same_loss_and_gradients(text_file, tmp_path):
     for remat in (False, True):
         cfg = small_config(text_file, tmp_path / str(remat), **{"model.remat": remat, "model.dropout": 0.1})
         run = Run(cfg, cfg.workdir, quiet=True)
-        x, y = run.batch(run.train_ids, 0, 0)
+        x, y = run.batch(run.data.train_ids, 0, 0)
         key = jax.random.key(3)
-        out[remat] = jax.jit(jax.value_and_grad(lambda p: loss_fn(run.graphdef, p, x, y, key)))(run.state["params"])
+        out[remat] = jax.jit(jax.value_and_grad(lambda p: loss_fn(run.setup.graphdef, p, x, y, key)))(run.state["params"])
     np.testing.assert_allclose(out[True][0], out[False][0], rtol=1e-6)
     for a, b in zip(_leaves(out[True][1]), _leaves(out[False][1])):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
@@ -56,8 +57,8 @@ def test_tokens_matmul_gives_the_same_loss_and_gradients(text_file, tmp_path, dt
         cfg = small_config(text_file, tmp_path / impl, **{"model.matmul": impl, "model.dtype": dtype,
                                                           "model.tie_embeddings": False, "model.bias": True})
         run = Run(cfg, cfg.workdir, quiet=True)
-        x, y = run.batch(run.train_ids, 0, 0)
-        out[impl] = jax.jit(jax.value_and_grad(lambda p: loss_fn(run.graphdef, p, x, y)))(run.state["params"])
+        x, y = run.batch(run.data.train_ids, 0, 0)
+        out[impl] = jax.jit(jax.value_and_grad(lambda p: loss_fn(run.setup.graphdef, p, x, y)))(run.state["params"])
     tol = {"float32": dict(rtol=1e-5, atol=1e-7), "bfloat16": dict(rtol=2e-2, atol=1e-4)}[dtype]
     np.testing.assert_allclose(out["tokens"][0], out["xla"][0], **tol)
     grads = {k: jax.tree_util.tree_leaves_with_path(v[1]) for k, v in out.items()}
@@ -90,7 +91,7 @@ def test_grad_accumulation_equals_one_full_batch_step(text_file, tmp_path):
     for accum in (1, 4):
         cfg = small_config(text_file, tmp_path / str(accum), **{"train.batch_size": 8, "train.grad_accum": accum})
         run = Run(cfg, cfg.workdir, quiet=True)
-        x, y = run.batch(run.train_ids, 0, 0)
+        x, y = run.batch(run.data.train_ids, 0, 0)
         state, out = run.step_fn(1)(run.state, x, y)
         state, out2 = run.step_fn(1)(state, x, y)  # a second step sees the updated optimizer state
         after[accum] = (float(out["loss"]), float(out2["loss"]), float(out2["grad_norm"]), state["params"])

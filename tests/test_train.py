@@ -10,7 +10,7 @@ from gptjax import data as data_lib
 from gptjax import config as config_lib
 from gptjax.errors import UserError
 from gptjax.logs import read_metrics
-from gptjax.train import Run
+from gptjax.trainer import build as Run
 
 
 def losses_by_step(workdir):
@@ -48,7 +48,7 @@ def test_metrics_written_after_the_last_checkpoint_are_dropped_on_resume(text_fi
     cfg = small_config(text_file, tmp_path / "run")
     run = Run(cfg, cfg.workdir, quiet=True)
     run.train(stop_at=10)
-    run.metrics.write({"step": 15, "train_loss": 9.0, "lr": 0.1})  # as if it crashed after step 15
+    run.report.metrics.write({"step": 15, "train_loss": 9.0, "lr": 0.1})  # as if it crashed after step 15
     Run(small_config(text_file, tmp_path / "run"), cfg.workdir, quiet=True).train()
     steps = [r["step"] for r in read_metrics(str(tmp_path / "run" / "metrics.jsonl")) if "lr" in r]
     assert steps == [5, 10, 15, 20]
@@ -83,17 +83,17 @@ def test_evaluate_reports_perplexity_and_bits_per_byte(tmp_path):
     cfg = small_config(str(text), tmp_path / "run", **{"train.eval_full": True, "train.steps": 1})
     run = Run(cfg, str(tmp_path / "run"), quiet=True)
     run.state["step"] = run.state["step"] + 1  # the last step: include the full pass
-    ev = run.evaluate()
+    ev = run.evaluate(run.state["params"], full=True)
     t = cfg.train
-    n_bytes = sum(len(run.tokenizer.decode(y).encode()) for i in range(t.eval_steps)
-                  for y in data_lib.get_batch(run.val_ids, 16, t.batch_size, t.seed, i, data_lib.EVAL_VAL_STREAM)[1])
+    n_bytes = sum(len(run.data.tokenizer.decode(y).encode()) for i in range(t.eval_steps)
+                  for y in data_lib.get_batch(run.data.val_ids, 16, t.batch_size, t.seed, i, data_lib.EVAL_VAL_STREAM)[1])
     n_tokens = t.eval_steps * t.batch_size * 16
     assert n_bytes > n_tokens  # accented letters are two bytes
     assert ev["val_bpb"] == pytest.approx(ev["val_loss"] * n_tokens / (math.log(2) * n_bytes), rel=1e-6)
     assert ev["val_ppl"] == pytest.approx(math.exp(ev["val_loss"]), rel=1e-6)
-    n_windows = (len(run.val_ids) - 1) // 16
+    n_windows = (len(run.data.val_ids) - 1) // 16
     assert ev["val_full_tokens"] == n_windows * 16
-    full_bytes = len(run.tokenizer.decode(np.asarray(run.val_ids[1:n_windows * 16 + 1])).encode())
+    full_bytes = len(run.data.tokenizer.decode(np.asarray(run.data.val_ids[1:n_windows * 16 + 1])).encode())
     assert ev["val_full_bpb"] == pytest.approx(ev["val_full_loss"] * n_windows * 16 / (math.log(2) * full_bytes),
                                                rel=1e-6)
     assert abs(ev["val_full_loss"] - ev["val_loss"]) < 0.1  # an untrained model: both near ln(vocab)
@@ -136,7 +136,7 @@ def test_text_runs_on_a_folder_and_on_jsonl_with_a_custom_field(tmp_path):
     assert out.returncode == 0 and out.stdout.startswith("Tom"), out.stderr
 def test_a_prompt_the_tokenizer_cannot_encode_fails_before_training(text_file, tmp_path):
     from gptjax.errors import UserError
-    from gptjax.train import Run
+    from gptjax.trainer import build as Run
 
     cfg = small_config(text_file, tmp_path / "run", **{"train.sample_every": 5, "train.sample_prompt": "Zebra"})
     with pytest.raises(UserError, match="'Z'"):
