@@ -2,7 +2,7 @@
 
 4 layers, 4 heads, 128 wide, block 64, batch 12, 2000 steps, lr 1e-3 decaying
 to 1e-4 after 100 warm-up steps, beta2 0.99, no dropout, no gradient clipping; eval every 250 steps
-over 20 batches, ten steps per compiled call. Trains in under a minute on a
+over 20 batches, ten steps per compiled call, a sample every 500 steps. Trains in under a minute on a
 two-core CPU.
 """
 
@@ -25,5 +25,7 @@ def get_config(size=None):
     # over seeds 0, 2, 4 and 1337 the validation loss at step 2000 was lower
     # without it by 0.012-0.015 (1.887-1.922 against 1.901-1.936).
     c.train.grad_clip = 0.0
+    # A short sample every 500 steps (printed, and kept in WORKDIR/samples.txt) to watch it learn.
+    c.train.sample_every = 500
     c.data.dataset, c.data.tokenizer = "tinyshakespeare", "char"
     return c

@@ -88,7 +88,7 @@ def import_hf(source: str, workdir: str, log=print) -> None:
         wd = Workdir(tmp)
         write_config(wd, cfg)
         pre.tokenizer.save(wd.tokenizer)
-        ckpt = Checkpointer(tmp, keep=cfg.train.keep_checkpoints, async_save=False)
+        ckpt = Checkpointer(wd.checkpoints, keep=cfg.train.keep_checkpoints, async_save=False)
         try:
             ckpt.save(0, params, tx.init(params), {"step": 0, "imported_from": source})
         finally:
@@ -107,7 +107,7 @@ def import_hf(source: str, workdir: str, log=print) -> None:
 
 def export_hf(workdir: str, out: str, overwrite: bool = False, log=print) -> None:
     """Write the newest checkpoint of `workdir` as a transformers GPT-2 folder at `out`."""
-    from gptjax.sample import load_run  # the one loader of a run's config, tokenizer and checkpoint
+    from gptjax.workdir import load_run  # the one loader of a run's config, tokenizer and checkpoint
 
     if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"--to_hf {out} is a file; give a folder.")
@@ -129,11 +129,11 @@ def export_hf(workdir: str, out: str, overwrite: bool = False, log=print) -> Non
 
     tmp = _fresh_folder(out)
     try:
-        with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
+        with open(os.path.join(tmp, hf.HF_CONFIG_FILE), "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2)
         with open(os.path.join(tmp, "generation_config.json"), "w", encoding="utf-8") as f:
             json.dump({"bos_token_id": run.tokenizer.eot_id, "eos_token_id": run.tokenizer.eot_id}, f, indent=2)
-        save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        save_file(tensors, os.path.join(tmp, hf.HF_WEIGHTS_FILE), metadata={"format": "pt"})
         for name, text in files.items():
             with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
                 f.write(text)
@@ -173,7 +173,7 @@ def main(argv):
 
 
 def run_main():
-    app.run(main)
+    app.run(main, flags_parser=lambda argv: config_lib.parse_flags_or_exit(argv, flags.FLAGS))
 
 
 if __name__ == "__main__":

@@ -186,7 +186,7 @@ def main(argv):
 def run_main() -> None:
     """The `gptjax-eval` console script."""
     define_flags()
-    app.run(main)
+    app.run(main, flags_parser=lambda argv: config_lib.parse_flags_or_exit(argv, flags.FLAGS))
 
 
 if __name__ == "__main__":

@@ -34,6 +34,11 @@ import numpy as np
 
 from gptjax.errors import UserError
 
+# A Hugging Face checkpoint folder's file names (its own layout, not a gptjax workdir's).
+HF_CONFIG_FILE = "config.json"
+HF_WEIGHTS_FILE = "model.safetensors"
+HF_WEIGHTS_INDEX = "model.safetensors.index.json"
+
 PREFIX = "transformer."
 LAYER_NORM_EPS = 1e-5  # gptjax's LayerNorm epsilon (model.py), GPT-2's too
 # HF `activation_function` values whose function is exactly one of ours (transformers' ACT2FN):

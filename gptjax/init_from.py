@@ -59,12 +59,12 @@ def hub_folder(name: str) -> str:
 def _read_tensors(folder: str) -> dict:
     from safetensors import safe_open
 
-    index = os.path.join(folder, "model.safetensors.index.json")
+    index = os.path.join(folder, hf.HF_WEIGHTS_INDEX)
     if os.path.isfile(index):
         with open(index, encoding="utf-8") as f:
             files = sorted(set(json.load(f)["weight_map"].values()))
-    elif os.path.isfile(os.path.join(folder, "model.safetensors")):
-        files = ["model.safetensors"]
+    elif os.path.isfile(os.path.join(folder, hf.HF_WEIGHTS_FILE)):
+        files = [hf.HF_WEIGHTS_FILE]
     else:
         pickles = [n for n in _PICKLES if os.path.exists(os.path.join(folder, n))]
         if pickles:
@@ -87,7 +87,7 @@ def _read_tensors(folder: str) -> dict:
 
 def read_hf_folder(folder: str, where: str) -> tuple[dict, dict, dict]:
     """(HF config dict, tensors, tokenizer files name -> text) of a checkpoint folder; UserError if not one."""
-    path = os.path.join(folder, "config.json")
+    path = os.path.join(folder, hf.HF_CONFIG_FILE)
     if not os.path.isfile(path):
         raise UserError(f"{where} has no config.json; pass a Hugging Face GPT-2 checkpoint folder "
                         "(config.json + model.safetensors).")
@@ -138,7 +138,7 @@ def read_hf(name_or_path: str, dtype=np.float32) -> Pretrained:
 
 def read_workdir(path: str) -> Pretrained:
     """The newest checkpoint of a gptjax workdir that restores."""
-    from gptjax.sample import load_run  # the one loader of a run's config, tokenizer and checkpoint
+    from gptjax.workdir import load_run  # the one loader of a run's config, tokenizer and checkpoint
 
     if not os.path.isdir(path):
         raise UserError(f"train.init_from={path}: no such workdir; give a gptjax workdir or hf:NAME_OR_PATH.")

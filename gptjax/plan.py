@@ -231,6 +231,7 @@ def run_main():
                                f" --xla_force_host_platform_device_count={n or 8}").strip()
     from gptjax import config as config_lib
 
+    config_lib.find_config_files(sys.argv, default=_CONFIG_FILE)
     _define_flags()
     app.run(main, flags_parser=lambda argv: config_lib.parse_flags_or_exit(argv, flags.FLAGS))
 

@@ -67,13 +67,13 @@ def small_config(text_path, workdir, **overrides):
     return c
 
 
-def run_cli(*args, env=None, timeout=300):
-    """Run `python -m <args>` from the project root; returns CompletedProcess."""
+def run_cli(*args, env=None, timeout=300, cwd=ROOT):
+    """Run `python -m <args>` (from the project root unless `cwd`); returns CompletedProcess."""
     full_env = dict(os.environ)
     full_env.setdefault("JAX_PLATFORMS", "cpu")
     full_env.update(env or {})
     return subprocess.run(
-        [sys.executable, "-m", *args], cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
     )
 
 

@@ -70,7 +70,7 @@ def test_tokens_matmul_gives_the_same_loss_and_gradients(text_file, tmp_path, dt
 
 
 def test_tokens_dot_general_matches_lax_and_falls_back_for_other_contractions():
-    from gptjax.model import tokens_dot_general
+    from gptjax.kernels import tokens_dot_general
 
     rng = np.random.default_rng(0)
     x, w = jnp.asarray(rng.normal(size=(3, 5, 4)), jnp.float32), jnp.asarray(rng.normal(size=(4, 6)), jnp.float32)

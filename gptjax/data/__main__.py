@@ -6,6 +6,8 @@ token cache) without training, and prints the token counts.
 
 from __future__ import annotations
 
+import sys
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -44,6 +46,7 @@ def main(argv):
 
 
 def run_main():
+    config_lib.find_config_files(sys.argv)
     app.run(main, flags_parser=lambda argv: config_lib.parse_flags_or_exit(argv, flags.FLAGS))
 
 
