@@ -279,6 +279,9 @@ def load_run(workdir: str, step: int | None = None, quantize: str = "none") -> L
     """The model of a workdir (or of a folder written by --save_quantized), optionally quantized."""
     quantize_lib.check_scheme(quantize)
     cfg = _read_config(workdir)
+    per_layer = cfg.copy_and_resolve_references()
+    with per_layer.unlocked():
+        per_layer.model.scan_layers = False  # checkpoints (and quantized copies) hold the per-layer layout
     tokenizer = load_tokenizer(os.path.join(workdir, "tokenizer"))
     float_bytes = quantize_lib.tree_bytes(_abstract(cfg, "none")[1])
     meta_path = os.path.join(workdir, QUANTIZED_META)
@@ -287,7 +290,7 @@ def load_run(workdir: str, step: int | None = None, quantize: str = "none") -> L
             meta = json.load(f)
         if step is not None and step != meta["step"]:
             raise UserError(f"{workdir} holds a quantized model of step {meta['step']} only; drop --step.")
-        graphdef, target = _abstract(cfg, meta["scheme"])
+        graphdef, target = _abstract(per_layer, meta["scheme"])
         import orbax.checkpoint as ocp
 
         with ocp.StandardCheckpointer() as ckptr:
@@ -301,7 +304,7 @@ def load_run(workdir: str, step: int | None = None, quantize: str = "none") -> L
         raise UserError(f"{workdir} has no checkpoint yet; train first with --workdir {workdir}.")
     if step is not None and step not in steps:
         raise UserError(f"no checkpoint at step {step} in {workdir}; steps with checkpoints: {steps}.")
-    graphdef, target = _abstract(cfg, "none")
+    graphdef, target = _abstract(per_layer, "none")
     try:
         if step is None:  # the newest that restores; a damaged newer one is reported, never moved
             step, params, _, _ = ckpt.restore_newest(
@@ -310,7 +313,9 @@ def load_run(workdir: str, step: int | None = None, quantize: str = "none") -> L
             params = ckpt.restore_one(step, target)
     finally:
         ckpt.close()
-    if quantize != "none":
+    if cfg.model.get("scan_layers", False) and quantize == "none":
+        graphdef, params = _abstract(cfg, "none")[0], model_lib.stack_layers(params)
+    if quantize != "none":  # int8 swaps the per-layer model's Linear/Embed modules
         model = quantize_lib.quantize_model(nnx.merge(graphdef, params), quantize)
         graphdef, params = nnx.graphdef(model), nnx.to_pure_dict(nnx.state(model))
     return LoadedRun(workdir, cfg, tokenizer, graphdef, params, step, quantize, float_bytes,

@@ -301,14 +301,16 @@ class Run:
     def _maybe_restore(self) -> int | None:
         """Restore the newest checkpoint that restores cleanly (broken newer ones are reported, moved aside)."""
         found = self.ckpt.restore_newest(
-            abstract_like(self.state["params"], self.params_sh),
-            abstract_like(self.state["opt_state"], self.opt_sh),
+            model_lib.unstack_layers(abstract_like(self.state["params"], self.params_sh)),
+            model_lib.unstack_layers(abstract_like(self.state["opt_state"], self.opt_sh)),
             log=lambda msg: print(msg, file=sys.stderr, flush=True) if jax.process_index() == 0 else None,
         )
         if found is None:
             self.metrics.truncate_after(-1)  # records of an earlier start that never reached a checkpoint
             return None
         step, params, opt_state, meta = found
+        if self.cfg.model.scan_layers:
+            params, opt_state = jax.device_put(model_lib.stack_layers((params, opt_state)), (self.params_sh, self.opt_sh))
         self.state = {"params": params, "opt_state": opt_state,
                       "step": jax.device_put(jnp.asarray(step, jnp.int32), self.scalar_sh)}
         self.metrics.truncate_after(step)
@@ -457,7 +459,8 @@ class Run:
             self.log(f"step {step:>6} | no checkpoint: the last {self.nonfinite.in_a_row} update(s) were skipped")
             return
         try:
-            self.ckpt.save(step, self.state["params"], self.state["opt_state"], {"step": step},
+            self.ckpt.save(step, model_lib.unstack_layers(self.state["params"]),  # on disk: per-layer layout
+                           model_lib.unstack_layers(self.state["opt_state"]), {"step": step},
                            val_loss=val_loss, force=force)
         except CheckpointWriteError as e:
             raise faults.TrainingStopped(str(e), faults.EXIT_CHECKPOINT_WRITE) from None
