@@ -27,6 +27,7 @@ from absl import app, flags, logging
 from flax import nnx
 
 from gptjax import config as config_lib
+from gptjax import kernels
 from gptjax import model as model_lib
 from gptjax import sample as sample_lib
 from gptjax import runtime
@@ -152,8 +153,8 @@ def bench_train(cfg, steps: int = 100, warmup: int = 10) -> dict:
         return {
             "config": {"n_layer": m.n_layer, "n_head": m.n_head, "n_embd": m.n_embd, "block_size": m.block_size,
                        "batch_size": t.batch_size, "dtype": m.dtype, "param_dtype": m.param_dtype,
-                       "attention": model_lib.resolve_attention(m.attention, m.dtype, m.n_embd // m.n_head),
-                       "matmul": model_lib.resolve_matmul(m.matmul), "remat": m.remat, "grad_accum": t.grad_accum, "steps_per_call": k},
+                       "attention": kernels.resolve_attention(m.attention, m.dtype, m.n_embd // m.n_head),
+                       "matmul": kernels.resolve_matmul(m.matmul), "remat": m.remat, "grad_accum": t.grad_accum, "steps_per_call": k},
             "devices": len(devices),
             "device_kind": devices[0].device_kind,
             "platform": devices[0].platform,
