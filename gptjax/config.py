@@ -49,6 +49,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.attention = "auto"  # auto | xla | dot_product | cudnn
     c.model.matmul = "auto"  # auto | xla | tokens (Dense backward as [tokens, features] matmuls; auto: tokens on CPU)
     c.model.remat = False
+    c.model.scan_layers = False  # blocks under one nnx scan: compile time flat in depth (docs/scan_layers.md)
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 2000
@@ -183,7 +184,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
 FREE_KEYS = {
     "workdir", "train.steps_per_call", "train.grad_accum", "train.log_every", "train.checkpoint_every",
     "train.keep_checkpoints", "train.max_bad_steps", "train.allow_config_change",
-    "model.attention", "model.remat", "model.matmul",
+    "model.attention", "model.remat", "model.matmul", "model.scan_layers",
 }
 FREE_SECTIONS = ("mesh.",)  # arrays are resharded on restore
 # Keys that may change with --config.train.allow_config_change=True: the rest of the

@@ -27,11 +27,12 @@ in training) nothing is sown.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+from flax import nnx, traverse_util
 
 from gptjax import kernels
 
@@ -58,6 +59,7 @@ class ModelConfig:
     attention: str = "auto"  # kernels.resolve_attention
     matmul: str = "auto"  # kernels.resolve_matmul
     remat: bool = False
+    scan_layers: bool = False  # blocks as one stacked Block run under a scan (see GPT)
 
     @classmethod
     def of(cls, section) -> "ModelConfig":
@@ -196,6 +198,23 @@ def _block_forward(block, x, dropout_key):
     return block(x, dropout_key=dropout_key)[0]
 
 
+def _stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
+    """One Block whose every parameter has a leading [n_layer] axis (logical name None: replicated).
+
+    The layers are built one by one from the same `rngs`, in the unrolled
+    model's order, so the stacked weights equal the unrolled model's.
+    """
+    layers = [Block(cfg, rngs=rngs) for _ in range(cfg.n_layer)]
+    graphdef, state = nnx.split(layers[0])
+
+    def stack(*vs):
+        axes = vs[0].get_metadata().get("logical_axes") or (None,) * vs[0].value.ndim
+        return vs[0].replace(jnp.stack([v.value for v in vs]), logical_axes=(None, *axes))
+
+    states = [state] + [nnx.state(b) for b in layers[1:]]
+    return nnx.merge(graphdef, jax.tree.map(stack, *states, is_leaf=lambda x: isinstance(x, nnx.Variable)))
+
+
 class GPT(nnx.Module):
     def __init__(self, cfg, *, rngs: nnx.Rngs):
         """`cfg`: a ModelConfig, or the `model` section of a run config with vocab_size set."""
@@ -212,7 +231,10 @@ class GPT(nnx.Module):
             cfg.block_size, cfg.n_embd, dtype=dtype, param_dtype=pdtype, rngs=rngs,
             embedding_init=_normal(0.02), embedding_metadata={"logical_axes": (None, "embed")},
         )
-        self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layer)])
+        if cfg.scan_layers:
+            self.blocks = _stacked_blocks(cfg, rngs)
+        else:
+            self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layer)])
         self.ln_f = _layer_norm(cfg, rngs)
         if not cfg.tie_embeddings:
             self.lm_head = _linear(cfg, cfg.n_embd, cfg.vocab_size, ("embed", "vocab"), rngs=rngs, use_bias=False)
@@ -221,6 +243,18 @@ class GPT(nnx.Module):
         B, T = tokens_BxT.shape
         x = self.wte(tokens_BxT) + self.wpe(pos + jnp.arange(T))[None]
         x = dropout(x, self.cfg.dropout, _subkey(dropout_key, self.cfg.n_layer))
+        if self.cfg.scan_layers:
+            x, new_cache = self._scan_blocks(x, cache, pos, dropout_key)
+        else:
+            x, new_cache = self._loop_blocks(x, cache, pos, dropout_key)
+        x = self.ln_f(x)
+        if logits_at is not None:  # decoding needs one position's logits: skip the vocab projection elsewhere
+            x = jax.lax.dynamic_slice_in_dim(x, logits_at, 1, axis=1)
+        logits = self.wte.attend(x) if self.cfg.tie_embeddings else self.lm_head(x)
+        logits = logits.astype(jnp.float32)
+        return logits if cache is None else (logits, new_cache)
+
+    def _loop_blocks(self, x, cache, pos, dropout_key):
         new_cache = [] if cache is not None else None
         for i, block in enumerate(self.blocks):
             if self.cfg.remat and cache is None and not block.record:
@@ -231,20 +265,106 @@ class GPT(nnx.Module):
                                    dropout_key=_subkey(dropout_key, i))
             if cache is not None:
                 new_cache.append(layer_cache)
-        x = self.ln_f(x)
-        if logits_at is not None:  # decoding needs one position's logits: skip the vocab projection elsewhere
-            x = jax.lax.dynamic_slice_in_dim(x, logits_at, 1, axis=1)
-        logits = self.wte.attend(x) if self.cfg.tie_embeddings else self.lm_head(x)
-        logits = logits.astype(jnp.float32)
-        return logits if cache is None else (logits, new_cache)
+        return x, new_cache
+
+    def _scan_blocks(self, x, cache, pos, dropout_key):
+        """The stacked Block under `jax.lax.scan`: one compiled block whatever the depth.
+
+        Layer i gets the unrolled model's dropout key and its slice of the
+        stacked cache ([n_layer, B, S, H, K]). A recording pass sows each
+        activation once, stacked along a leading layer axis.
+        """
+        graphdef, state = nnx.split(self.blocks)
+        keys = None if dropout_key is None else jax.vmap(lambda i: jax.random.fold_in(dropout_key, i))(
+            jnp.arange(self.cfg.n_layer))
+        record = self.blocks.record
+
+        def body(x, layer):
+            state_i, cache_i, key_i = layer
+            block = nnx.merge(graphdef, state_i)
+            if self.cfg.remat and cache is None and not record:
+                return nnx.remat(_block_forward)(block, x, key_i), (None, None)
+            if record:
+                (x, cache_i), sown = nnx.capture(block, nnx.Intermediate)(x, cache=cache_i, pos=pos, dropout_key=key_i)
+                return x, (cache_i, nnx.to_pure_dict(sown))
+            x, cache_i = block(x, cache=cache_i, pos=pos, dropout_key=key_i)
+            return x, (cache_i, None)
+
+        x, (new_cache, sown) = jax.lax.scan(body, x, (state, cache, keys))
+        if record:
+            for path, values in traverse_util.flatten_dict(sown).items():
+                functools.reduce(getattr, path[:-1], self.blocks).sow(nnx.Intermediate, path[-1], values[0])
+        return x, new_cache
 
 
 def init_cache(cfg, batch_size: int, max_len: int | None = None, dtype=None):
-    """Zeroed keys/values for every layer: [B, max_len, H, K] each."""
+    """Zeroed keys/values for every layer: a list of {"k", "v"} of [B, max_len, H, K] each, or with
+    scan_layers one {"k", "v"} of [n_layer, B, max_len, H, K]."""
     max_len = max_len or cfg.block_size
     dtype = dtype or DTYPES[cfg.dtype]
     shape = (batch_size, max_len, cfg.n_head, cfg.n_embd // cfg.n_head)
+    if getattr(cfg, "scan_layers", False):
+        shape = (cfg.n_layer, *shape)
+        return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
     return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.n_layer)]
+
+
+# ----------------------------------------------------------------------------- layouts
+# Per-layer: tree["blocks"] = {0: block tree, 1: ...} (the unrolled model, and every checkpoint
+# on disk). Stacked: tree["blocks"] = one block tree whose leaves have a leading [n_layer] axis
+# (scan_layers). The functions convert every {"blocks": ...} found in a tree (params, Adam's
+# moments inside an optimizer state, sown activations), leave other leaves alone, and return a
+# tree already in the asked layout unchanged. Leaves may be arrays or ShapeDtypeStructs (restore
+# targets: their NamedSharding loses or gains the replicated layer axis).
+
+def _is_per_layer(blocks) -> bool:
+    return isinstance(blocks, dict) and bool(blocks) and all(isinstance(k, int) for k in blocks)
+
+
+def _with_blocks(tree, convert):
+    has_blocks = lambda x: isinstance(x, dict) and "blocks" in x
+    return jax.tree.map(lambda x: {**x, "blocks": convert(x["blocks"])} if has_blocks(x) else x,
+                        tree, is_leaf=has_blocks)
+
+
+def _layer_of(x, i: int):
+    if isinstance(x, jax.ShapeDtypeStruct):
+        sh = x.sharding
+        if isinstance(sh, jax.sharding.NamedSharding):
+            sh = jax.sharding.NamedSharding(sh.mesh, jax.sharding.PartitionSpec(*tuple(sh.spec)[1:]))
+        return jax.ShapeDtypeStruct(x.shape[1:], x.dtype, sharding=sh)
+    return x[i]
+
+
+def _stack(*xs):
+    x = xs[0]
+    if isinstance(x, jax.ShapeDtypeStruct):
+        sh = x.sharding
+        if isinstance(sh, jax.sharding.NamedSharding):
+            sh = jax.sharding.NamedSharding(sh.mesh, jax.sharding.PartitionSpec(None, *tuple(sh.spec)))
+        return jax.ShapeDtypeStruct((len(xs), *x.shape), x.dtype, sharding=sh)
+    return jnp.stack(xs)
+
+
+def stack_layers(tree):
+    """Per-layer -> stacked layout (see above)."""
+    def convert(blocks):
+        if not _is_per_layer(blocks):
+            return blocks
+        return jax.tree.map(_stack, *[blocks[i] for i in sorted(blocks)])
+
+    return _with_blocks(tree, convert)
+
+
+def unstack_layers(tree):
+    """Stacked -> per-layer layout (see above)."""
+    def convert(blocks):
+        if _is_per_layer(blocks):
+            return blocks
+        n = jax.tree.leaves(blocks)[0].shape[0]
+        return {i: jax.tree.map(lambda x: _layer_of(x, i), blocks) for i in range(n)}
+
+    return _with_blocks(tree, convert)
 
 
 def module_name(path) -> str:
@@ -254,11 +374,16 @@ def module_name(path) -> str:
 
 
 def param_counts(params) -> dict[str, int]:
-    """Parameters per module (`module_name`) of a params tree."""
+    """Parameters per module (`module_name`) of a params tree; a stacked block counts per layer."""
     counts: dict[str, int] = {}
     for path, leaf in jax.tree_util.tree_leaves_with_path(params):
         name = module_name(path)
-        counts[name] = counts.get(name, 0) + int(leaf.size)
+        per_layer = [(name, int(leaf.size))]
+        if name.startswith("blocks.") and not name[len("blocks."):].isdigit():  # stacked [n_layer, ...]
+            n = leaf.shape[0]
+            per_layer = [(f"blocks.{i}", int(leaf.size) // n) for i in range(n)]
+        for key, size in per_layer:
+            counts[key] = counts.get(key, 0) + size
     return counts
 
 

@@ -213,7 +213,8 @@ class Trainer:
             self.report.say(f"step {step:>6} | no checkpoint: the last {self.nonfinite.in_a_row} update(s) were skipped")
             return
         try:
-            self.ckpt.save(step, self.state["params"], self.state["opt_state"], {"step": step},
+            self.ckpt.save(step, model_lib.unstack_layers(self.state["params"]),  # on disk: per layer
+                           model_lib.unstack_layers(self.state["opt_state"]), {"step": step},
                            val_loss=val_loss, force=force)
         except CheckpointWriteError as e:
             raise faults.TrainingStopped(str(e), faults.EXIT_CHECKPOINT_WRITE) from None
@@ -357,7 +358,7 @@ def _build(cfg, wd: Workdir, quiet: bool, devices, main: bool, lock) -> Trainer:
     log = logs_lib.MetricsLog(wd.metrics, enabled=main, sinks=logs_lib.make_sinks(
         cfg.log, cfg.to_dict(), wd.tensorboard, wd.root, say=console.say) if main else ())
     report = Reporter(cfg, wd, console, log, cfg.train.batch_size * cfg.model.block_size, main)
-    start = _restore(ckpt, setup, log)
+    start = _restore(cfg, ckpt, setup, log)
     return Trainer(cfg, setup, data, ckpt, report, start, changes, prompt, lock)
 
 
@@ -383,18 +384,21 @@ def prepare_data(cfg, wd: Workdir, log, tokenizer=None) -> RunData:
                    np.asarray(p.tokenizer.token_bytes()), p.data_id)
 
 
-def _restore(ckpt: Checkpointer, setup: steps_lib.TrainSetup, log) -> int | None:
+def _restore(cfg, ckpt: Checkpointer, setup: steps_lib.TrainSetup, log) -> int | None:
     """Restore the newest checkpoint that restores cleanly into `setup.state` (broken newer ones are
     reported and moved aside); returns its step, or None for a fresh start."""
-    found = ckpt.restore_newest(
-        abstract_like(setup.state["params"], setup.params_sh),
-        abstract_like(setup.state["opt_state"], setup.state_sh["opt_state"]),
+    found = ckpt.restore_newest(  # checkpoints hold the per-layer layout, whatever model.scan_layers
+        model_lib.unstack_layers(abstract_like(setup.state["params"], setup.params_sh)),
+        model_lib.unstack_layers(abstract_like(setup.state["opt_state"], setup.state_sh["opt_state"])),
         log=lambda msg: print(msg, file=sys.stderr, flush=True) if jax.process_index() == 0 else None,
     )
     if found is None:
         log.truncate_after(-1)  # records of an earlier start that never reached a checkpoint
         return None
     step, params, opt_state, _ = found
+    if cfg.model.scan_layers:
+        params, opt_state = jax.device_put(model_lib.stack_layers((params, opt_state)),
+                                           (setup.params_sh, setup.state_sh["opt_state"]))
     setup.state = {"params": params, "opt_state": opt_state,
                    "step": jax.device_put(jnp.asarray(step, jnp.int32), setup.scalar_sh)}
     log.truncate_after(step)

@@ -236,25 +236,28 @@ def load_run(workdir: str, step: int | None = None, quantize: str = "none") -> L
     wd = Workdir(workdir)
     cfg = read_config(wd)
     tokenizer = load_tokenizer(wd.tokenizer)
-    float_bytes = quantize_lib.tree_bytes(_abstract(cfg, "none")[1])
+    per_layer = cfg.copy_and_resolve_references()
+    with per_layer.unlocked():
+        per_layer.model.scan_layers = False  # checkpoints (and quantized copies) hold the per-layer layout
+    float_bytes = quantize_lib.tree_bytes(_abstract(per_layer, "none")[1])
     if os.path.exists(wd.quantized_meta):
         with open(wd.quantized_meta, encoding="utf-8") as f:
             meta = json.load(f)
         if step is not None and step != meta["step"]:
             raise UserError(f"{workdir} holds a quantized model of step {meta['step']} only; drop --step.")
-        graphdef, target = _abstract(cfg, meta["scheme"])
+        graphdef, target = _abstract(per_layer, meta["scheme"])
         params = checkpoint_lib.restore_tree(wd.quantized_params, target)
         return LoadedRun(workdir, cfg, tokenizer, graphdef, params, meta["step"], meta["scheme"], float_bytes,
                          quantize_lib.tree_bytes(params))
 
-    ckpt = checkpoint_lib.Checkpointer(Workdir(workdir).checkpoints, create=False, async_save=False)
+    ckpt = checkpoint_lib.Checkpointer(wd.checkpoints, create=False, async_save=False)
     try:
         steps = ckpt.steps()
         if not steps:
             raise UserError(f"{workdir} has no checkpoint yet; train first with --workdir {workdir}.")
         if step is not None and step not in steps:
             raise UserError(f"no checkpoint at step {step} in {workdir}; steps with checkpoints: {steps}.")
-        graphdef, target = _abstract(cfg, "none")
+        graphdef, target = _abstract(per_layer, "none")
         if step is None:  # the newest that restores; a damaged newer one is reported, never moved
             step, params, _, _ = ckpt.restore_newest(
                 target, log=lambda msg: print(msg, file=sys.stderr, flush=True), move_broken=False)
@@ -262,7 +265,9 @@ def load_run(workdir: str, step: int | None = None, quantize: str = "none") -> L
             params = ckpt.restore_one(step, target)
     finally:
         ckpt.close()
-    if quantize != "none":
+    if cfg.model.scan_layers and quantize == "none":
+        graphdef, params = _abstract(cfg, "none")[0], model_lib.stack_layers(params)
+    if quantize != "none":  # int8 swaps the per-layer model's Linear/Embed modules
         model = quantize_lib.quantize_model(nnx.merge(graphdef, params), quantize)
         graphdef, params = nnx.graphdef(model), nnx.to_pure_dict(nnx.state(model))
     return LoadedRun(workdir, cfg, tokenizer, graphdef, params, step, quantize, float_bytes,

@@ -76,6 +76,25 @@ def test_sharded_steps_lower_for_tpu_and_cuda(mesh_name, dtype, platform):
 
 
 @eight_devices
+@pytest.mark.parametrize("mesh_name", list(MESHES))
+def test_scanned_steps_lower_for_tpu_with_the_layer_axis_replicated(mesh_name):
+    from gptjax import steps
+
+    cfg = small_cfg(MESHES[mesh_name])
+    cfg.model.scan_layers = True
+    mesh = sharding.make_mesh(cfg.mesh)
+    exported = plan.export_steps(cfg, mesh, "tpu")
+    assert exported["train"].platforms == ("tpu",) and exported["train"].nr_devices == 8
+    state = steps.init_train_state(cfg, mesh, abstract=True).state  # cfg: resolved for TPU by export_steps
+    got = _param_shardings(exported["train"], mesh, state)
+    assert "blocks.0.attn.qkv.kernel" not in got
+    for name, spec in EXPECTED[mesh_name].items():
+        if name != "wte":  # stacked [n_layer, ...]: the same rule behind an unsplit layer axis
+            path = f"blocks.{'.'.join(WEIGHTS[name])}.kernel"
+            assert got[path].is_equivalent_to(NamedSharding(mesh, P(None, *spec)), 3), (name, got[path].spec)
+
+
+@eight_devices
 def test_automatic_choices_lower_where_explicit_ones_cannot():
     from gptjax import kernels
 
