@@ -33,8 +33,7 @@ from gptjax.workdir import Workdir, write_config
 
 _FROM_HF = flags.DEFINE_string("from_hf", None, "Import: a Hugging Face GPT-2 checkpoint folder or hub name.")
 _TO_HF = flags.DEFINE_string("to_hf", None, "Export: the folder to write for transformers.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "The gptjax workdir to write (--from_hf) or read (--to_hf).",
-                               allow_override=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "The gptjax workdir to write (--from_hf) or read (--to_hf).")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "--to_hf: replace what OUT holds.")
 
 

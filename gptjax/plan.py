@@ -187,7 +187,7 @@ def _define_flags():
     flags.DEFINE_integer("devices", 8, "Virtual CPU devices to compile for (the run's device count).")
     flags.DEFINE_string("mesh", None, "AXIS=SIZE[,...], e.g. fsdp=8 or data=2,fsdp=2,tensor=2; "
                         "default: the config's mesh.")
-    flags.DEFINE_enum("platform", "tpu", ["tpu", "cuda", "cpu"], "Whose automatic implementation choices to use.")
+    flags.DEFINE_enum("platform", "tpu", list(PLATFORM_BACKENDS), "Whose automatic implementation choices to use.")
     flags.DEFINE_integer("vocab_size", 0, "Vocabulary when the config takes it from its tokenizer "
                          "(default: GPT-2's 50257 for gpt2 tokenizers).")
     flags.DEFINE_boolean("json", False, "Print one JSON object instead of the table.")

@@ -49,66 +49,30 @@ QUANTIZED_PARAMS = "quantized"
 LOCK_FILE = "train.lock"  # held by the live trainer
 
 
+def _inside(*parts: str) -> property:
+    """A property: the path of `parts` inside the workdir."""
+    return property(lambda self: os.path.join(self.root, *parts))
+
+
 @dataclasses.dataclass(frozen=True)
 class Workdir:
     """Paths inside one workdir; creating one touches nothing on disk."""
 
     root: str
 
-    def _join(self, name: str) -> str:
-        return os.path.join(self.root, name)
-
-    @property
-    def config(self) -> str:
-        return self._join(CONFIG_FILE)
-
-    @property
-    def tokenizer(self) -> str:
-        return self._join(TOKENIZER_DIR)
-
-    @property
-    def data_id(self) -> str:
-        return os.path.join(self.tokenizer, DATA_ID_FILE)
-
-    @property
-    def checkpoints(self) -> str:
-        return self._join(CHECKPOINTS_DIR)
-
-    @property
-    def broken(self) -> str:
-        return self._join(BROKEN_DIR)
-
-    @property
-    def metrics(self) -> str:
-        return self._join(METRICS_FILE)
-
-    @property
-    def loss_png(self) -> str:
-        return self._join(LOSS_PNG)
-
-    @property
-    def diagnostics_png(self) -> str:
-        return self._join(DIAGNOSTICS_PNG)
-
-    @property
-    def samples(self) -> str:
-        return self._join(SAMPLES_FILE)
-
-    @property
-    def tensorboard(self) -> str:
-        return self._join(TENSORBOARD_DIR)
-
-    @property
-    def lock(self) -> str:
-        return self._join(LOCK_FILE)
-
-    @property
-    def quantized_meta(self) -> str:
-        return self._join(QUANTIZED_META)
-
-    @property
-    def quantized_params(self) -> str:
-        return self._join(QUANTIZED_PARAMS)
+    config = _inside(CONFIG_FILE)
+    tokenizer = _inside(TOKENIZER_DIR)
+    data_id = _inside(TOKENIZER_DIR, DATA_ID_FILE)
+    checkpoints = _inside(CHECKPOINTS_DIR)
+    broken = _inside(BROKEN_DIR)
+    metrics = _inside(METRICS_FILE)
+    loss_png = _inside(LOSS_PNG)
+    diagnostics_png = _inside(DIAGNOSTICS_PNG)
+    samples = _inside(SAMPLES_FILE)
+    tensorboard = _inside(TENSORBOARD_DIR)
+    lock = _inside(LOCK_FILE)
+    quantized_meta = _inside(QUANTIZED_META)
+    quantized_params = _inside(QUANTIZED_PARAMS)
 
     def has_checkpoints(self) -> bool:
         """True when checkpoints/ holds at least one step folder: a run here is worth protecting."""
