@@ -4,12 +4,20 @@
 to 1e-4 after 100 warm-up steps, beta2 0.99, no dropout, no gradient clipping; eval every 250 steps
 over 20 batches, ten steps per compiled call. Trains in under a minute on a
 two-core CPU.
+
+Sizes: `gpt2` (default) as above; `modern` (`--config configs/tiny.py:modern`)
+the same shape with the modern recipe (`gptjax.config.apply_modern`: Muon,
+RoPE, RMSNorm, ReLU^2, QK-norm, logit soft-cap, zero-init projections, untied
+head), workdir runs/tiny-modern.
 """
 
-from gptjax.config import base_config
+from gptjax.config import apply_modern, base_config, pick_size
+
+SIZES = ("gpt2", "modern")
 
 
 def get_config(size=None):
+    size = pick_size(size, SIZES, "configs/tiny.py")
     c = base_config()
     c.workdir = "runs/tiny"
     c.model.n_layer, c.model.n_head, c.model.n_embd, c.model.block_size = 4, 4, 128, 64
@@ -26,4 +34,7 @@ def get_config(size=None):
     # without it by 0.012-0.015 (1.887-1.922 against 1.901-1.936).
     c.train.grad_clip = 0.0
     c.data.dataset, c.data.tokenizer = "tinyshakespeare", "char"
+    if size == "modern":
+        c.workdir = "runs/tiny-modern"
+        apply_modern(c)
     return c

@@ -1,7 +1,11 @@
 """The GPT decoder, in Flax NNX.
 
 GPT -> Block x n_layer -> (CausalSelfAttention, MLP), pre-LayerNorm, as in
-GPT-2 and nanoGPT. Every parameter carries `logical_axes` metadata (names such
+GPT-2 and nanoGPT. Switches (all off by default, which is GPT-2) swap in the
+pieces of the modded-nanogpt recipe: rotary positions (`position="rope"`),
+RMSNorm (`norm="rmsnorm"`), ReLU^2 (`activation="relu2"`), RMS-normalised
+queries and keys (`qk_norm`), tanh soft-capped logits (`logit_softcap`) and
+zero-initialised residual projections (`zero_init_proj`). Every parameter carries `logical_axes` metadata (names such
 as "embed", "heads", "mlp", "vocab"); `gptjax/sharding.py` maps those names to
 mesh axes, so the model itself knows nothing about devices.
 
@@ -58,6 +62,12 @@ class ModelConfig:
     attention: str = "auto"  # kernels.resolve_attention
     matmul: str = "auto"  # kernels.resolve_matmul
     remat: bool = False
+    position: str = "learned"  # learned (a wpe table) | rope (rotary q/k, no wpe)
+    rope_base: float = 10000.0
+    norm: str = "layernorm"  # layernorm | rmsnorm
+    qk_norm: bool = False  # RMSNorm of each head's q and k before attention
+    logit_softcap: float = 0.0  # logits = c * tanh(logits / c); 0: off
+    zero_init_proj: bool = False  # residual output projections start at zero
 
     @classmethod
     def of(cls, section) -> "ModelConfig":
@@ -87,21 +97,49 @@ def _subkey(key, i: int):
     return None if key is None else jax.random.fold_in(key, i)
 
 
-def _linear(cfg: ModelConfig, d_in: int, d_out: int, axes: tuple, *, rngs, use_bias: bool, std: float = 0.02):
+def _linear(cfg: ModelConfig, d_in: int, d_out: int, axes: tuple, *, rngs, use_bias: bool, std: float = 0.02,
+            init=None):
     """A Dense layer with the run's dtypes, matmul formulation and logical axes."""
     kwargs = {"dtype": DTYPES[cfg.dtype], "param_dtype": DTYPES[cfg.param_dtype]}
     if kernels.resolve_matmul(cfg.matmul) == "tokens":
         kwargs["dot_general"] = kernels.tokens_dot_general
-    return nnx.Linear(d_in, d_out, use_bias=use_bias, kernel_init=_normal(std), rngs=rngs,
+    return nnx.Linear(d_in, d_out, use_bias=use_bias, kernel_init=init or _normal(std), rngs=rngs,
                       kernel_metadata={"logical_axes": axes}, bias_metadata={"logical_axes": axes[1:]}, **kwargs)
 
 
+def _residual_proj(cfg: ModelConfig, d_in: int, axes: tuple, *, rngs):
+    """A projection back into the residual stream: GPT-2 scales its init by 1/sqrt(2 n_layer)."""
+    init = nnx.initializers.zeros_init() if cfg.zero_init_proj else None
+    return _linear(cfg, d_in, cfg.n_embd, axes, rngs=rngs, use_bias=cfg.bias,
+                   std=0.02 / math.sqrt(2 * cfg.n_layer), init=init)
+
+
 def _layer_norm(cfg: ModelConfig, rngs):
+    """The block and final norm: LayerNorm (GPT-2) or RMSNorm (scale only, no mean, no bias)."""
+    dtypes = {"dtype": DTYPES[cfg.dtype], "param_dtype": DTYPES[cfg.param_dtype]}
+    if cfg.norm == "rmsnorm":
+        return nnx.RMSNorm(cfg.n_embd, epsilon=1e-5, rngs=rngs, scale_metadata={"logical_axes": ("embed",)},
+                           **dtypes)
     return nnx.LayerNorm(
-        cfg.n_embd, epsilon=1e-5, use_bias=cfg.bias, dtype=DTYPES[cfg.dtype],
-        param_dtype=DTYPES[cfg.param_dtype], rngs=rngs,
-        scale_metadata={"logical_axes": ("embed",)}, bias_metadata={"logical_axes": ("embed",)},
+        cfg.n_embd, epsilon=1e-5, use_bias=cfg.bias, rngs=rngs,
+        scale_metadata={"logical_axes": ("embed",)}, bias_metadata={"logical_axes": ("embed",)}, **dtypes,
     )
+
+
+def rope(x_BxTxHxK, positions_T, base: float):
+    """Rotary position embedding: each (i, i + K/2) pair of q or k rotated by angle pos * base^(-2i/K).
+
+    Rotating q and k by their own positions makes q.k depend on the distance
+    between them only, so the KV cache stores rotated keys and a decode step
+    rotates its query at its absolute position `pos`.
+    """
+    half = x_BxTxHxK.shape[-1] // 2
+    freqs = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angles = positions_T.astype(jnp.float32)[:, None] * freqs[None]  # [T, K/2]
+    cos, sin = jnp.cos(angles)[None, :, None], jnp.sin(angles)[None, :, None]
+    x1, x2 = x_BxTxHxK[..., :half].astype(jnp.float32), x_BxTxHxK[..., half:].astype(jnp.float32)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
+    return out.astype(x_BxTxHxK.dtype)
 
 
 def split_qkv(qkv_BxTx3D, n_head: int):
@@ -123,14 +161,24 @@ class CausalSelfAttention(nnx.Module):
         self.dropout_rate = cfg.dropout
         self.impl = kernels.resolve_attention(cfg.attention, cfg.dtype, cfg.head_dim)
         self.record = False
+        self.rope_base = cfg.rope_base if cfg.position == "rope" else None
         self.qkv = _linear(cfg, D, 3 * D, ("embed", "qkv"), rngs=rngs, use_bias=cfg.qkv_bias)
-        # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer).
-        self.proj = _linear(cfg, D, D, ("heads", "embed"), rngs=rngs, use_bias=cfg.bias,
-                            std=0.02 / math.sqrt(2 * cfg.n_layer))
+        # Per-head scales over the head size: small, replicated on every device.
+        qk_norm = lambda: nnx.RMSNorm(cfg.head_dim, epsilon=1e-5, dtype=DTYPES[cfg.dtype],
+                                      param_dtype=DTYPES[cfg.param_dtype], rngs=rngs,
+                                      scale_metadata={"logical_axes": (None,)})
+        self.q_norm = qk_norm() if cfg.qk_norm else None
+        self.k_norm = qk_norm() if cfg.qk_norm else None
+        self.proj = _residual_proj(cfg, D, ("heads", "embed"), rngs=rngs)
 
     def __call__(self, x_BxTxD, *, cache=None, pos=None, dropout_key=None):
         B, T, D = x_BxTxD.shape
         q, k, v = split_qkv(self.qkv(x_BxTxD), self.n_head)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.rope_base is not None:  # before the cache: it stores keys rotated at their positions
+            positions = (0 if pos is None else pos) + jnp.arange(T)
+            q, k = rope(q, positions, self.rope_base), rope(k, positions, self.rope_base)
         if cache is None and not self.record:
             y = kernels.causal_attention(q, k, v, self.impl)
         else:
@@ -154,6 +202,7 @@ class CausalSelfAttention(nnx.Module):
 ACTIVATION_FNS = {
     "gelu": lambda h: jax.nn.gelu(h, approximate=False),  # exact (erf), as nanoGPT's nn.GELU
     "relu": jax.nn.relu,
+    "relu2": lambda h: jnp.square(jax.nn.relu(h)),  # ReLU^2 (Primer; modded-nanogpt)
 }
 
 
@@ -161,8 +210,7 @@ class MLP(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         D = cfg.n_embd
         self.fc = _linear(cfg, D, 4 * D, ("embed", "mlp"), rngs=rngs, use_bias=cfg.bias)
-        self.proj = _linear(cfg, 4 * D, D, ("mlp", "embed"), rngs=rngs, use_bias=cfg.bias,
-                            std=0.02 / math.sqrt(2 * cfg.n_layer))
+        self.proj = _residual_proj(cfg, 4 * D, ("mlp", "embed"), rngs=rngs)
         self.activation = cfg.activation
         self.dropout_rate = cfg.dropout
         self.record = False
@@ -210,7 +258,7 @@ class GPT(nnx.Module):
         self.wpe = nnx.Embed(
             cfg.block_size, cfg.n_embd, dtype=dtype, param_dtype=pdtype, rngs=rngs,
             embedding_init=_normal(0.02), embedding_metadata={"logical_axes": (None, "embed")},
-        )
+        ) if cfg.position == "learned" else None  # rope: positions enter in the attention
         self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layer)])
         self.ln_f = _layer_norm(cfg, rngs)
         if not cfg.tie_embeddings:
@@ -218,7 +266,9 @@ class GPT(nnx.Module):
 
     def __call__(self, tokens_BxT, *, cache=None, pos=0, dropout_key=None, logits_at=None):
         B, T = tokens_BxT.shape
-        x = self.wte(tokens_BxT) + self.wpe(pos + jnp.arange(T))[None]
+        x = self.wte(tokens_BxT)
+        if self.wpe is not None:
+            x = x + self.wpe(pos + jnp.arange(T))[None]
         x = dropout(x, self.cfg.dropout, _subkey(dropout_key, self.cfg.n_layer))
         new_cache = [] if cache is not None else None
         for i, block in enumerate(self.blocks):
@@ -235,7 +285,27 @@ class GPT(nnx.Module):
             x = jax.lax.dynamic_slice_in_dim(x, logits_at, 1, axis=1)
         logits = self.wte.attend(x) if self.cfg.tie_embeddings else self.lm_head(x)
         logits = logits.astype(jnp.float32)
+        if self.cfg.logit_softcap > 0:  # bounded logits: |logit| < cap
+            logits = self.cfg.logit_softcap * jnp.tanh(logits / self.cfg.logit_softcap)
         return logits if cache is None else (logits, new_cache)
+
+
+# The switches GPT-2 has no counterpart for, with their GPT-2 values.
+GPT2_DEFAULTS = {"position": "learned", "norm": "layernorm", "qk_norm": False, "logit_softcap": 0.0}
+GPT2_UNKNOWN_ACTIVATIONS = ("relu2",)
+
+
+def gpt2_incompatible(cfg) -> list[str]:
+    """`key=value` for each model switch a GPT-2 checkpoint cannot represent (empty: exportable).
+
+    zero_init_proj only changes the initial weights, so it is not listed.
+    Of the activations only relu2 has no `activation_function` in GPT-2's config.
+    """
+    cfg = ModelConfig.of(cfg)
+    bad = [f"model.{k}={getattr(cfg, k)!r}" for k, v in GPT2_DEFAULTS.items() if getattr(cfg, k) != v]
+    if cfg.activation in GPT2_UNKNOWN_ACTIVATIONS:
+        bad.append(f"model.activation={cfg.activation!r}")
+    return bad
 
 
 def init_cache(cfg, batch_size: int, max_len: int | None = None, dtype=None):

@@ -27,6 +27,7 @@ from gptjax import metrics as metrics_lib
 from gptjax import model as model_lib
 from gptjax import runtime
 from gptjax import sharding
+from gptjax import steps as steps_lib
 from gptjax import faults
 from gptjax.checkpoint import Checkpointer, CheckpointWriteError, abstract_like
 from gptjax.config import check_resume_config
@@ -84,23 +85,6 @@ def init_params(model_cfg, seed: int, shardings=None):
         return nnx.to_pure_dict(nnx.state(model_lib.GPT(model_cfg, rngs=nnx.Rngs(seed))))
 
     return jax.jit(init, out_shardings=shardings)()
-
-
-def make_optimizer(t):
-    """AdamW with linear warm-up then cosine decay to min_lr.
-
-    Weight decay applies to matrices (Dense kernels, token and position
-    embeddings), as in nanoGPT; never to biases or LayerNorm parameters.
-    """
-    decay_steps = max(t.decay_steps or t.steps, t.warmup_steps + 1)
-    schedule = optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=t.lr, warmup_steps=t.warmup_steps,
-        decay_steps=decay_steps, end_value=t.min_lr,
-    )
-    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
-    parts = [optax.clip_by_global_norm(t.grad_clip)] if t.grad_clip > 0 else []
-    parts.append(optax.adamw(schedule, b1=t.beta1, b2=t.beta2, weight_decay=t.weight_decay, mask=decay_mask))
-    return optax.chain(*parts), schedule
 
 
 def loss_fn(graphdef, params, x, y, dropout_key=None):
@@ -229,7 +213,7 @@ class Run:
         self.graphdef = nnx.graphdef(abstract)
         abstract_params = nnx.to_pure_dict(nnx.state(abstract))
         self.params_sh = sharding.param_shardings(model_lib.logical_axes(abstract), self.mesh, abstract_params)
-        self.tx, self.schedule = make_optimizer(t)
+        self.tx, self.schedule = steps_lib.make_optimizer(t)
         self.opt_sh = sharding.opt_state_shardings(self.tx, abstract_params, self.params_sh, self.mesh)
 
         params = init_params(cfg.model, t.seed, self.params_sh)
