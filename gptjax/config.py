@@ -223,6 +223,8 @@ FREE_SECTIONS = ("mesh.",)  # arrays are resharded on restore
 # is the model's shape, its tokenizer or its data: never changeable.
 CHANGEABLE_KEYS = {"model.dropout", "model.dtype"}
 CHANGEABLE_SECTIONS = ("train.",)
+# ... except these: the checkpoint's optimizer state has the layout of its optimizer.
+FIXED_KEYS = {"train.optimizer"}
 
 
 def config_differences(saved: dict, new: dict) -> list[tuple[str, object, object]]:
@@ -243,6 +245,8 @@ def config_differences(saved: dict, new: dict) -> list[tuple[str, object, object
 
 def change_kind(key: str) -> str:
     """'free', 'changeable' (with allow_config_change) or 'fixed'."""
+    if key in FIXED_KEYS:
+        return "fixed"
     if key in FREE_KEYS or key.startswith(FREE_SECTIONS):
         return "free"
     if key in CHANGEABLE_KEYS or key.startswith(CHANGEABLE_SECTIONS):

@@ -172,3 +172,13 @@ def test_muon_on_eight_devices():
     )
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
     assert " passed" in proc.stdout and "failed" not in proc.stdout, proc.stdout[-2000:]
+
+
+def test_switching_the_optimizer_on_resume_is_refused():
+    from gptjax.errors import UserError
+
+    saved = step_config().to_dict()
+    new = step_config(**{"train.optimizer": "muon"}).to_dict()
+    with pytest.raises(UserError, match=r"refusing to resume.*train\.optimizer: 'adamw' -> 'muon'"):
+        config_lib.check_resume_config(saved, new, True, "w")
+    assert config_lib.check_resume_config(saved, step_config(**{"train.muon_lr": 0.01}).to_dict(), True, "w")
