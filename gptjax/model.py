@@ -5,9 +5,11 @@ GPT-2 and nanoGPT. Switches (all off by default, which is GPT-2) swap in the
 pieces of the modded-nanogpt recipe: rotary positions (`position="rope"`),
 RMSNorm (`norm="rmsnorm"`), ReLU^2 (`activation="relu2"`), RMS-normalised
 queries and keys (`qk_norm`), tanh soft-capped logits (`logit_softcap`) and
-zero-initialised residual projections (`zero_init_proj`). Every parameter carries `logical_axes` metadata (names such
-as "embed", "heads", "mlp", "vocab"); `gptjax/sharding.py` maps those names to
-mesh axes, so the model itself knows nothing about devices.
+zero-initialised residual projections (`zero_init_proj`).
+
+Every parameter carries `logical_axes` metadata (names such as "embed",
+"heads", "mlp", "vocab"); `gptjax/sharding.py` maps those names to mesh axes,
+so the model itself knows nothing about devices.
 
 Shapes in names: B batch, T positions, D n_embd, H n_head, K head size
 (D / H), F the MLP's hidden width (4 D), V vocabulary.

@@ -171,6 +171,10 @@ def test_switches_change_the_parameters_they_name():
     axes = lambda **kw: model_lib.logical_axes(model_lib.GPT(tiny_model_cfg(**kw), rngs=nnx.Rngs(0)))
     assert "wpe" not in params(position="rope") and "wpe" in params()
     rms = params(norm="rmsnorm")
+    model = model_lib.GPT(tiny_model_cfg(norm="rmsnorm"), rngs=nnx.Rngs(0))
+    assert isinstance(model.ln_f, nnx.RMSNorm) and isinstance(model.blocks[1].ln_2, nnx.RMSNorm)
+    h = jnp.arange(32.0)[None]  # a non-zero mean: RMSNorm keeps it, LayerNorm removes it
+    assert abs(float(model.ln_f(h).mean())) > 0.5
     assert set(rms["ln_f"]) == {"scale"} and set(params(bias=True)["ln_f"]) == {"scale", "bias"}
     assert axes(norm="rmsnorm")["ln_f"]["scale"] == ("embed",)
     qk = axes(qk_norm=True)["blocks"][0]["attn"]
