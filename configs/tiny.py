@@ -4,12 +4,20 @@
 to 1e-4 after 100 warm-up steps, beta2 0.99, no dropout, no gradient clipping; eval every 250 steps
 over 20 batches, ten steps per compiled call, a sample every 500 steps. Trains in under a minute on a
 two-core CPU.
+
+Sizes: `gpt2` (default) as above; `modern` (`--config configs/tiny.py:modern`)
+the same shape with the modern recipe (`gptjax.config.apply_modern`: Muon,
+RoPE, RMSNorm, ReLU^2, QK-norm, logit soft-cap, zero-init projections, untied
+head), workdir runs/tiny-modern.
 """
 
-from gptjax.config import base_config
+from gptjax.config import apply_modern, base_config, pick_size
+
+SIZES = ("gpt2", "modern")
 
 
 def get_config(size=None):
+    size = pick_size(size, SIZES, "configs/tiny.py")
     c = base_config()
     c.workdir = "runs/tiny"
     c.model.n_layer, c.model.n_head, c.model.n_embd, c.model.block_size = 4, 4, 128, 64
@@ -28,4 +36,7 @@ def get_config(size=None):
     # A short sample every 500 steps (printed, and kept in WORKDIR/samples.txt) to watch it learn.
     c.train.sample_every = 500
     c.data.dataset, c.data.tokenizer = "tinyshakespeare", "char"
+    if size == "modern":
+        c.workdir = "runs/tiny-modern"
+        apply_modern(c)
     return c

@@ -6,14 +6,15 @@ Sizes (`--config configs/tinystories.py:SIZE`):
   small   8 layers, 8 heads, 256 wide, block 128, character-level: the ~6M model.
   medium  6 layers, 9 heads, 576 wide, block 512, GPT-2 BPE: ~53M.
   gpt2    12 layers, 12 heads, 768 wide, block 1024, GPT-2 BPE: GPT-2 small, 124M.
+  tiny-modern  tiny's shape and training with the modern recipe (gptjax.config.apply_modern).
 
 Local copies under $GPTJAX_DATA_DIR/tinystories/{train,valid}.txt are used when
 present; otherwise the hub dataset roneneldan/TinyStories.
 """
 
-from gptjax.config import base_config, pick_size
+from gptjax.config import apply_modern, base_config, pick_size
 
-SIZES = ("tiny", "small", "medium", "gpt2")
+SIZES = ("tiny", "small", "medium", "gpt2", "tiny-modern")
 
 
 def get_config(size=None):
@@ -23,11 +24,13 @@ def get_config(size=None):
     c.data.dataset = "tinystories"
     c.train.beta2, c.train.weight_decay, c.train.grad_clip = 0.99, 0.1, 1.0
     c.train.eval_every, c.train.eval_steps, c.train.log_every = 250, 20, 10
-    if size == "tiny":
+    if size in ("tiny", "tiny-modern"):
         c.model.n_layer, c.model.n_head, c.model.n_embd, c.model.block_size = 4, 4, 128, 128
         c.data.tokenizer, c.data.vocab_size = "sentencepiece", 2048
         c.train.steps, c.train.batch_size, c.train.lr, c.train.min_lr = 2000, 16, 2e-3, 2e-4
         c.train.warmup_steps = 100
+        if size == "tiny-modern":
+            apply_modern(c)
     elif size == "small":
         c.model.n_layer, c.model.n_head, c.model.n_embd, c.model.block_size = 8, 8, 256, 128
         c.model.dropout = 0.1

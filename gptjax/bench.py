@@ -12,6 +12,12 @@ and without the KV cache for a randomly initialised GPT (6 layers, 6 heads,
 lengths. Decode speed is (n - 1) / (time(n tokens) - time(1 token)): the
 prefill, dispatch and compilation cancel out, leaving the per-token cost with
 a context that is half full (prompt of context/2 tokens).
+
+`python -m gptjax.bench --to_loss 1.90 --config configs/tiny.py:modern` times
+training from scratch to a validation loss instead (`gptjax/to_loss.py`):
+wall time, steps and tokens to the first evaluation at or below the target,
+with compilation included and reported separately. Its compilation cache is
+off unless --compilation_cache.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from gptjax import config as config_lib
 from gptjax import kernels
 from gptjax import decode
 from gptjax import model as model_lib
+from gptjax import params as params_lib
 from gptjax import runtime
 from gptjax.errors import UserError, exit_with
 
@@ -42,6 +49,11 @@ _CACHE = flags.DEFINE_bool("compilation_cache", False,
                            "Use the persistent compilation cache (compile_s then measures a cache load).")
 
 _SAMPLE = flags.DEFINE_boolean("sample", False, "Benchmark decoding (tokens/s with and without the KV cache).")
+_TO_LOSS = flags.DEFINE_float("to_loss", None, "Time to a loss instead: train from scratch until the validation "
+                              "loss (or bits per byte, --metric bpb) is at most this (gptjax/to_loss.py).")
+_METRIC = flags.DEFINE_enum("metric", "loss", ["loss", "bpb"], "With --to_loss: what the target compares with.")
+_EVAL_EVERY = flags.DEFINE_integer("eval_every", 25, "With --to_loss: evaluate every N steps "
+                                   "(rounded up to whole compiled calls).")
 flags.DEFINE_list("sample_contexts", ["256", "1024"], "Context lengths (model.block_size) to time.")
 flags.DEFINE_integer("sample_layers", 6, "Layers of the benchmarked model.")
 flags.DEFINE_integer("sample_width", 384, "Width (n_embd) of the benchmarked model; 64 per head.")
@@ -93,7 +105,7 @@ def bench_sample(contexts=(256, 1024), n_layer: int = 6, n_embd: int = 384, voca
     return {
         "bench": "sample", "backend": jax.default_backend(), "devices": len(jax.devices()),
         "model": {"n_layer": n_layer, "n_embd": n_embd, "n_head": n_embd // 64, "vocab_size": vocab_size,
-                  "params": model_lib.count_params(params)},
+                  "params": params_lib.count_params(params)},
         "batch": 1, "prompt": "context/2", "results": results,
     }
 
@@ -165,7 +177,7 @@ def bench_train(cfg, steps: int = 100, warmup: int = 10, progress=None) -> dict:
     ms = float(np.median(ms_per_step))
     tokens_per_step = t.batch_size * m.block_size
     tokens_per_s = tokens_per_step / (ms / 1000)
-    counts = model_lib.param_counts(state["params"])
+    counts = params_lib.param_counts(state["params"])
     fpt = flops_per_token(m, sum(counts.values()), counts.get("wpe", 0))
     achieved = tokens_per_s * fpt
     devices = list(mesh.devices.flat)
@@ -207,7 +219,12 @@ def main(argv):
     try:
         if _STEPS.value < 1 or _WARMUP.value < 0:
             raise UserError("--steps must be >= 1 and --warmup >= 0.")
-        if _SAMPLE.value:
+        if _TO_LOSS.value is not None:
+            from gptjax.to_loss import time_to_loss
+
+            out = time_to_loss(cfg, _TO_LOSS.value, _METRIC.value, _EVAL_EVERY.value,
+                               log=lambda msg: print(msg, file=sys.stderr, flush=True))
+        elif _SAMPLE.value:
             F = flags.FLAGS
             out = bench_sample([int(c) for c in F.sample_contexts], F.sample_layers, F.sample_width,
                                F.sample_vocab, F.sample_tokens, F.sample_tokens_nocache, F.sample_repeats)

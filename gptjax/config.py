@@ -19,7 +19,10 @@ from gptjax.errors import UserError
 
 # The valid values of each key that picks between implementations. The modules
 # that dispatch on a key import its tuple from here; `validate` checks it once.
-ACTIVATIONS = ("gelu", "relu", "gelu_tanh")  # gelu_tanh: GPT-2's tanh approximation
+ACTIVATIONS = ("gelu", "relu", "gelu_tanh", "relu2")  # gelu_tanh: GPT-2's tanh approximation
+POSITIONS = ("learned", "rope")
+NORMS = ("layernorm", "rmsnorm")
+OPTIMIZERS = ("adamw", "muon")
 DTYPES = ("float32", "bfloat16")
 ATTENTION_IMPLS = ("auto", "xla", "dot_product", "cudnn")
 MATMUL_IMPLS = ("auto", "xla", "tokens")
@@ -42,7 +45,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.bias = False  # biases in Dense layers and LayerNorms
     c.model.qkv_bias = False  # biases in the query/key/value projection
     c.model.tie_embeddings = True  # output projection = token embedding^T
-    c.model.activation = "gelu"  # gelu (exact) | relu | gelu_tanh (GPT-2's)
+    c.model.activation = "gelu"  # gelu (exact) | relu | gelu_tanh (GPT-2's) | relu2 (relu squared)
+    c.model.position = "learned"  # learned (wpe table) | rope (rotary q/k; no wpe)
+    c.model.rope_base = 10000.0
+    c.model.norm = "layernorm"  # layernorm | rmsnorm
+    c.model.qk_norm = False  # RMSNorm of each head's queries and keys
+    c.model.logit_softcap = 0.0  # logits = c * tanh(logits / c); 0: off
+    c.model.zero_init_proj = False  # residual output projections (attention and MLP) start at zero
     c.model.vocab_size = 0  # 0: taken from the tokenizer
     c.model.dtype = "float32"  # compute dtype: float32 | bfloat16
     c.model.param_dtype = "float32"  # master weights
@@ -62,6 +71,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.beta1 = 0.9
     c.train.beta2 = 0.99
     c.train.grad_clip = 1.0  # global-norm clipping; 0 disables
+    c.train.optimizer = "adamw"  # adamw | muon (Muon on the blocks' matrices, AdamW on the rest)
+    c.train.muon_lr = 0.02  # optimizer=muon: peak learning rate of the Muon matrices (same schedule shape)
+    c.train.muon_beta = 0.95  # optimizer=muon: Muon's momentum
     c.train.eval_every = 250
     c.train.eval_steps = 20
     c.train.log_every = 10
@@ -108,6 +120,19 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+def apply_modern(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The modded-nanogpt recipe on top of a GPT-2 config, same shape (docs/modern.md has the measurements).
+
+    Rotary positions instead of the wpe table and an untied head keep the
+    parameter count within a few per cent; Muon trains the blocks' matrices.
+    """
+    m = c.model
+    m.position, m.norm, m.activation, m.qk_norm = "rope", "rmsnorm", "relu2", True
+    m.logit_softcap, m.zero_init_proj, m.tie_embeddings = 30.0, True, False
+    c.train.optimizer = "muon"
+    return c
+
+
 def pick_size(size: str | None, sizes: tuple[str, ...], config_file: str) -> str:
     """`size` from `--config FILE:SIZE`, or the first of `sizes` when none was given."""
     if size is None:
@@ -140,6 +165,15 @@ def validate(c: ml_collections.ConfigDict) -> None:
     )
     _require(0.0 <= m.dropout < 1.0, f"model.dropout must be in [0, 1), got {m.dropout}.")
     require_choice("model.activation", m.activation, ACTIVATIONS)
+    require_choice("model.position", m.position, POSITIONS)
+    require_choice("model.norm", m.norm, NORMS)
+    _require(m.logit_softcap >= 0, f"model.logit_softcap must be >= 0 (0 turns it off), got {m.logit_softcap}.")
+    _require(m.position != "rope" or (m.n_embd // m.n_head) % 2 == 0,
+             f"model.position=rope needs an even head size; n_embd / n_head = {m.n_embd // m.n_head}.")
+    _require(m.rope_base > 0, f"model.rope_base must be positive, got {m.rope_base}.")
+    require_choice("train.optimizer", t.optimizer, OPTIMIZERS)
+    _require(t.muon_lr > 0, f"train.muon_lr must be positive, got {t.muon_lr}.")
+    _require(0 <= t.muon_beta < 1, f"train.muon_beta must be in [0, 1), got {t.muon_beta}.")
     for key in ("dtype", "param_dtype"):
         require_choice(f"model.{key}", m[key], DTYPES)
     require_choice("model.attention", m.attention, ATTENTION_IMPLS)
@@ -192,6 +226,8 @@ FREE_SECTIONS = ("mesh.",)  # arrays are resharded on restore
 # is the model's shape, its tokenizer or its data: never changeable.
 CHANGEABLE_KEYS = {"model.dropout", "model.dtype"}
 CHANGEABLE_SECTIONS = ("train.",)
+# ... except these: the checkpoint's optimizer state has the layout of its optimizer.
+FIXED_KEYS = {"train.optimizer"}
 
 
 def config_differences(saved: dict, new: dict) -> list[tuple[str, object, object]]:
@@ -212,6 +248,8 @@ def config_differences(saved: dict, new: dict) -> list[tuple[str, object, object
 
 def change_kind(key: str) -> str:
     """'free', 'changeable' (with allow_config_change) or 'fixed'."""
+    if key in FIXED_KEYS:
+        return "fixed"
     if key in FREE_KEYS or key.startswith(FREE_SECTIONS):
         return "free"
     if key in CHANGEABLE_KEYS or key.startswith(CHANGEABLE_SECTIONS):

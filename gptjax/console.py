@@ -7,17 +7,17 @@ import time
 
 from tqdm import tqdm
 
+from gptjax.params import EMBEDDINGS
+
 # tqdm's own formatting: `format_duration(44)` -> "00:44", `format_size(3.2e6, "B")` -> "3.20MB".
 format_duration = tqdm.format_interval
 format_size = tqdm.format_sizeof
-
-EMBEDDINGS = ("wte", "wpe")
 
 
 def model_summary(counts: dict[str, int]) -> list[str]:
     """Lines of a table: parameters per module, total, non-embedding, bytes in float32/bfloat16.
 
-    `counts` maps module names to parameter counts (`model.param_counts`).
+    `counts` maps module names to parameter counts (`params.param_counts`).
     """
     total = sum(counts.values())
     non_emb = total - sum(counts.get(k, 0) for k in EMBEDDINGS)

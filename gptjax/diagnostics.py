@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gptjax import model as model_lib
+from gptjax import params as params_lib
 from gptjax import steps
 
 PREFIX = "diag/"
@@ -32,8 +33,8 @@ PREFIX = "diag/"
 def group_norms(tree) -> dict:
     """L2 norm per module (`model.module_name`) of a params-shaped tree."""
     sq: dict = {}
-    for path, leaf in jax.tree_util.tree_leaves_with_path(model_lib.unstack_layers(tree)):
-        name = model_lib.module_name(path)
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params_lib.unstack_layers(tree)):
+        name = params_lib.module_name(path)
         sq[name] = sq.get(name, 0.0) + jnp.sum(jnp.square(leaf.astype(jnp.float32)))
     return {name: jnp.sqrt(s) for name, s in sq.items()}
 
@@ -56,7 +57,7 @@ def recorded_forward(model: nnx.Module, tokens_BxT):
         logits, sown = nnx.capture(model, nnx.Intermediate)(tokens_BxT)
     finally:
         model.set_attributes(record=False)
-    sown = model_lib.unstack_layers(nnx.to_pure_dict(sown))["blocks"]  # scan_layers sows stacked
+    sown = params_lib.unstack_layers(nnx.to_pure_dict(sown))["blocks"]  # scan_layers sows stacked
     return logits, {int(i): _first(tree) for i, tree in sown.items()}
 
 

@@ -1,9 +1,15 @@
 """The GPT decoder, in Flax NNX.
 
 GPT -> Block x n_layer -> (CausalSelfAttention, MLP), pre-LayerNorm, as in
-GPT-2 and nanoGPT. Every parameter carries `logical_axes` metadata (names such
-as "embed", "heads", "mlp", "vocab"); `gptjax/sharding.py` maps those names to
-mesh axes, so the model itself knows nothing about devices.
+GPT-2 and nanoGPT. Switches (all off by default, which is GPT-2) swap in the
+pieces of the modded-nanogpt recipe: rotary positions (`position="rope"`),
+RMSNorm (`norm="rmsnorm"`), ReLU^2 (`activation="relu2"`), RMS-normalised
+queries and keys (`qk_norm`), tanh soft-capped logits (`logit_softcap`) and
+zero-initialised residual projections (`zero_init_proj`).
+
+Every parameter carries `logical_axes` metadata (names such as "embed",
+"heads", "mlp", "vocab"); `gptjax/sharding.py` maps those names to mesh axes,
+so the model itself knows nothing about devices.
 
 Shapes in names: B batch, T positions, D n_embd, H n_head, K head size
 (D / H), F the MLP's hidden width (4 D), V vocabulary.
@@ -37,7 +43,6 @@ from flax import nnx, traverse_util
 from gptjax import kernels
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-EMBEDDINGS = ("wte", "wpe")  # looked up, not multiplied (but a tied wte is also the output projection)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +65,12 @@ class ModelConfig:
     matmul: str = "auto"  # kernels.resolve_matmul
     remat: bool = False
     scan_layers: bool = False  # blocks as one stacked Block run under a scan (see GPT)
+    position: str = "learned"  # learned (a wpe table) | rope (rotary q/k, no wpe)
+    rope_base: float = 10000.0
+    norm: str = "layernorm"  # layernorm | rmsnorm
+    qk_norm: bool = False  # RMSNorm of each head's q and k before attention
+    logit_softcap: float = 0.0  # logits = c * tanh(logits / c); 0: off
+    zero_init_proj: bool = False  # residual output projections start at zero
 
     @classmethod
     def of(cls, section) -> "ModelConfig":
@@ -89,21 +100,49 @@ def _subkey(key, i: int):
     return None if key is None else jax.random.fold_in(key, i)
 
 
-def _linear(cfg: ModelConfig, d_in: int, d_out: int, axes: tuple, *, rngs, use_bias: bool, std: float = 0.02):
+def _linear(cfg: ModelConfig, d_in: int, d_out: int, axes: tuple, *, rngs, use_bias: bool, std: float = 0.02,
+            init=None):
     """A Dense layer with the run's dtypes, matmul formulation and logical axes."""
     kwargs = {"dtype": DTYPES[cfg.dtype], "param_dtype": DTYPES[cfg.param_dtype]}
     if kernels.resolve_matmul(cfg.matmul) == "tokens":
         kwargs["dot_general"] = kernels.tokens_dot_general
-    return nnx.Linear(d_in, d_out, use_bias=use_bias, kernel_init=_normal(std), rngs=rngs,
+    return nnx.Linear(d_in, d_out, use_bias=use_bias, kernel_init=init or _normal(std), rngs=rngs,
                       kernel_metadata={"logical_axes": axes}, bias_metadata={"logical_axes": axes[1:]}, **kwargs)
 
 
+def _residual_proj(cfg: ModelConfig, d_in: int, axes: tuple, *, rngs):
+    """A projection back into the residual stream: GPT-2 scales its init by 1/sqrt(2 n_layer)."""
+    init = nnx.initializers.zeros_init() if cfg.zero_init_proj else None
+    return _linear(cfg, d_in, cfg.n_embd, axes, rngs=rngs, use_bias=cfg.bias,
+                   std=0.02 / math.sqrt(2 * cfg.n_layer), init=init)
+
+
 def _layer_norm(cfg: ModelConfig, rngs):
+    """The block and final norm: LayerNorm (GPT-2) or RMSNorm (scale only, no mean, no bias)."""
+    dtypes = {"dtype": DTYPES[cfg.dtype], "param_dtype": DTYPES[cfg.param_dtype]}
+    if cfg.norm == "rmsnorm":
+        return nnx.RMSNorm(cfg.n_embd, epsilon=1e-5, rngs=rngs, scale_metadata={"logical_axes": ("embed",)},
+                           **dtypes)
     return nnx.LayerNorm(
-        cfg.n_embd, epsilon=1e-5, use_bias=cfg.bias, dtype=DTYPES[cfg.dtype],
-        param_dtype=DTYPES[cfg.param_dtype], rngs=rngs,
-        scale_metadata={"logical_axes": ("embed",)}, bias_metadata={"logical_axes": ("embed",)},
+        cfg.n_embd, epsilon=1e-5, use_bias=cfg.bias, rngs=rngs,
+        scale_metadata={"logical_axes": ("embed",)}, bias_metadata={"logical_axes": ("embed",)}, **dtypes,
     )
+
+
+def rope(x_BxTxHxK, positions_T, base: float):
+    """Rotary position embedding: each (i, i + K/2) pair of q or k rotated by angle pos * base^(-2i/K).
+
+    Rotating q and k by their own positions makes q.k depend on the distance
+    between them only, so the KV cache stores rotated keys and a decode step
+    rotates its query at its absolute position `pos`.
+    """
+    half = x_BxTxHxK.shape[-1] // 2
+    freqs = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angles = positions_T.astype(jnp.float32)[:, None] * freqs[None]  # [T, K/2]
+    cos, sin = jnp.cos(angles)[None, :, None], jnp.sin(angles)[None, :, None]
+    x1, x2 = x_BxTxHxK[..., :half].astype(jnp.float32), x_BxTxHxK[..., half:].astype(jnp.float32)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
+    return out.astype(x_BxTxHxK.dtype)
 
 
 def split_qkv(qkv_BxTx3D, n_head: int):
@@ -125,14 +164,24 @@ class CausalSelfAttention(nnx.Module):
         self.dropout_rate = cfg.dropout
         self.impl = kernels.resolve_attention(cfg.attention, cfg.dtype, cfg.head_dim)
         self.record = False
+        self.rope_base = cfg.rope_base if cfg.position == "rope" else None
         self.qkv = _linear(cfg, D, 3 * D, ("embed", "qkv"), rngs=rngs, use_bias=cfg.qkv_bias)
-        # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer).
-        self.proj = _linear(cfg, D, D, ("heads", "embed"), rngs=rngs, use_bias=cfg.bias,
-                            std=0.02 / math.sqrt(2 * cfg.n_layer))
+        # Per-head scales over the head size: small, replicated on every device.
+        qk_norm = lambda: nnx.RMSNorm(cfg.head_dim, epsilon=1e-5, dtype=DTYPES[cfg.dtype],
+                                      param_dtype=DTYPES[cfg.param_dtype], rngs=rngs,
+                                      scale_metadata={"logical_axes": (None,)})
+        self.q_norm = qk_norm() if cfg.qk_norm else None
+        self.k_norm = qk_norm() if cfg.qk_norm else None
+        self.proj = _residual_proj(cfg, D, ("heads", "embed"), rngs=rngs)
 
     def __call__(self, x_BxTxD, *, cache=None, pos=None, dropout_key=None):
         B, T, D = x_BxTxD.shape
         q, k, v = split_qkv(self.qkv(x_BxTxD), self.n_head)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.rope_base is not None:  # before the cache: it stores keys rotated at their positions
+            positions = (0 if pos is None else pos) + jnp.arange(T)
+            q, k = rope(q, positions, self.rope_base), rope(k, positions, self.rope_base)
         if cache is None and not self.record:
             y = kernels.causal_attention(q, k, v, self.impl)
         else:
@@ -157,6 +206,7 @@ ACTIVATION_FNS = {
     "gelu": lambda h: jax.nn.gelu(h, approximate=False),  # exact (erf), as nanoGPT's nn.GELU
     "gelu_tanh": lambda h: jax.nn.gelu(h, approximate=True),  # GPT-2's own ("gelu_new" in transformers)
     "relu": jax.nn.relu,
+    "relu2": lambda h: jnp.square(jax.nn.relu(h)),  # ReLU^2 (Primer; modded-nanogpt)
 }
 
 
@@ -164,8 +214,7 @@ class MLP(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         D = cfg.n_embd
         self.fc = _linear(cfg, D, 4 * D, ("embed", "mlp"), rngs=rngs, use_bias=cfg.bias)
-        self.proj = _linear(cfg, 4 * D, D, ("mlp", "embed"), rngs=rngs, use_bias=cfg.bias,
-                            std=0.02 / math.sqrt(2 * cfg.n_layer))
+        self.proj = _residual_proj(cfg, 4 * D, ("mlp", "embed"), rngs=rngs)
         self.activation = cfg.activation
         self.dropout_rate = cfg.dropout
         self.record = False
@@ -230,7 +279,7 @@ class GPT(nnx.Module):
         self.wpe = nnx.Embed(
             cfg.block_size, cfg.n_embd, dtype=dtype, param_dtype=pdtype, rngs=rngs,
             embedding_init=_normal(0.02), embedding_metadata={"logical_axes": (None, "embed")},
-        )
+        ) if cfg.position == "learned" else None  # rope: positions enter in the attention
         if cfg.scan_layers:
             self.blocks = _stacked_blocks(cfg, rngs)
         else:
@@ -241,7 +290,9 @@ class GPT(nnx.Module):
 
     def __call__(self, tokens_BxT, *, cache=None, pos=0, dropout_key=None, logits_at=None):
         B, T = tokens_BxT.shape
-        x = self.wte(tokens_BxT) + self.wpe(pos + jnp.arange(T))[None]
+        x = self.wte(tokens_BxT)
+        if self.wpe is not None:
+            x = x + self.wpe(pos + jnp.arange(T))[None]
         x = dropout(x, self.cfg.dropout, _subkey(dropout_key, self.cfg.n_layer))
         if self.cfg.scan_layers:
             x, new_cache = self._scan_blocks(x, cache, pos, dropout_key)
@@ -252,6 +303,8 @@ class GPT(nnx.Module):
             x = jax.lax.dynamic_slice_in_dim(x, logits_at, 1, axis=1)
         logits = self.wte.attend(x) if self.cfg.tie_embeddings else self.lm_head(x)
         logits = logits.astype(jnp.float32)
+        if self.cfg.logit_softcap > 0:  # bounded logits: |logit| < cap
+            logits = self.cfg.logit_softcap * jnp.tanh(logits / self.cfg.logit_softcap)
         return logits if cache is None else (logits, new_cache)
 
     def _loop_blocks(self, x, cache, pos, dropout_key):
@@ -297,6 +350,24 @@ class GPT(nnx.Module):
         return x, new_cache
 
 
+# The switches GPT-2 has no counterpart for, with their GPT-2 values.
+GPT2_DEFAULTS = {"position": "learned", "norm": "layernorm", "qk_norm": False, "logit_softcap": 0.0}
+GPT2_UNKNOWN_ACTIVATIONS = ("relu2",)
+
+
+def gpt2_incompatible(cfg) -> list[str]:
+    """`key=value` for each model switch a GPT-2 checkpoint cannot represent (empty: exportable).
+
+    zero_init_proj only changes the initial weights, so it is not listed.
+    Of the activations only relu2 has no `activation_function` in GPT-2's config.
+    """
+    cfg = ModelConfig.of(cfg)
+    bad = [f"model.{k}={getattr(cfg, k)!r}" for k, v in GPT2_DEFAULTS.items() if getattr(cfg, k) != v]
+    if cfg.activation in GPT2_UNKNOWN_ACTIVATIONS:
+        bad.append(f"model.activation={cfg.activation!r}")
+    return bad
+
+
 def init_cache(cfg, batch_size: int, max_len: int | None = None, dtype=None):
     """Zeroed keys/values for every layer: a list of {"k", "v"} of [B, max_len, H, K] each, or with
     scan_layers one {"k", "v"} of [n_layer, B, max_len, H, K]."""
@@ -307,100 +378,3 @@ def init_cache(cfg, batch_size: int, max_len: int | None = None, dtype=None):
         shape = (cfg.n_layer, *shape)
         return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
     return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.n_layer)]
-
-
-# ----------------------------------------------------------------------------- layouts
-# Per-layer: tree["blocks"] = {0: block tree, 1: ...} (the unrolled model, and every checkpoint
-# on disk). Stacked: tree["blocks"] = one block tree whose leaves have a leading [n_layer] axis
-# (scan_layers). The functions convert every {"blocks": ...} found in a tree (params, Adam's
-# moments inside an optimizer state, sown activations), leave other leaves alone, and return a
-# tree already in the asked layout unchanged. Leaves may be arrays or ShapeDtypeStructs (restore
-# targets: their NamedSharding loses or gains the replicated layer axis).
-
-def _is_per_layer(blocks) -> bool:
-    return isinstance(blocks, dict) and bool(blocks) and all(isinstance(k, int) for k in blocks)
-
-
-def _with_blocks(tree, convert):
-    has_blocks = lambda x: isinstance(x, dict) and "blocks" in x
-    return jax.tree.map(lambda x: {**x, "blocks": convert(x["blocks"])} if has_blocks(x) else x,
-                        tree, is_leaf=has_blocks)
-
-
-def _layer_of(x, i: int):
-    if isinstance(x, jax.ShapeDtypeStruct):
-        sh = x.sharding
-        if isinstance(sh, jax.sharding.NamedSharding):
-            sh = jax.sharding.NamedSharding(sh.mesh, jax.sharding.PartitionSpec(*tuple(sh.spec)[1:]))
-        return jax.ShapeDtypeStruct(x.shape[1:], x.dtype, sharding=sh)
-    return x[i]
-
-
-def _stack(*xs):
-    x = xs[0]
-    if isinstance(x, jax.ShapeDtypeStruct):
-        sh = x.sharding
-        if isinstance(sh, jax.sharding.NamedSharding):
-            sh = jax.sharding.NamedSharding(sh.mesh, jax.sharding.PartitionSpec(None, *tuple(sh.spec)))
-        return jax.ShapeDtypeStruct((len(xs), *x.shape), x.dtype, sharding=sh)
-    return jnp.stack(xs)
-
-
-def stack_layers(tree):
-    """Per-layer -> stacked layout (see above)."""
-    def convert(blocks):
-        if not _is_per_layer(blocks):
-            return blocks
-        return jax.tree.map(_stack, *[blocks[i] for i in sorted(blocks)])
-
-    return _with_blocks(tree, convert)
-
-
-def unstack_layers(tree):
-    """Stacked -> per-layer layout (see above)."""
-    def convert(blocks):
-        if _is_per_layer(blocks):
-            return blocks
-        n = jax.tree.leaves(blocks)[0].shape[0]
-        return {i: jax.tree.map(lambda x: _layer_of(x, i), blocks) for i in range(n)}
-
-    return _with_blocks(tree, convert)
-
-
-def module_name(path) -> str:
-    """A parameter's module for reports: "blocks.3" inside block 3, else the top-level name ("wte", "ln_f")."""
-    parts = jax.tree_util.keystr(tuple(path), simple=True, separator=".").split(".")
-    return ".".join(parts[:2]) if parts[0] == "blocks" else parts[0]
-
-
-def param_counts(params) -> dict[str, int]:
-    """Parameters per module (`module_name`) of a params tree; a stacked block counts per layer."""
-    counts: dict[str, int] = {}
-    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
-        name = module_name(path)
-        per_layer = [(name, int(leaf.size))]
-        if name.startswith("blocks.") and not name[len("blocks."):].isdigit():  # stacked [n_layer, ...]
-            n = leaf.shape[0]
-            per_layer = [(f"blocks.{i}", int(leaf.size) // n) for i in range(n)]
-        for key, size in per_layer:
-            counts[key] = counts.get(key, 0) + size
-    return counts
-
-
-def count_params(params, exclude_embeddings: bool = False) -> int:
-    counts = param_counts(params)
-    total = sum(counts.values())
-    if exclude_embeddings:
-        total -= sum(counts.get(k, 0) for k in EMBEDDINGS)
-    return total
-
-
-def logical_axes(model: nnx.Module):
-    """Pure-dict tree of each parameter's logical axis names (None = replicated)."""
-    _, state = nnx.split(model)
-
-    def axes(v):
-        names = v.get_metadata().get("logical_axes")
-        return tuple(names) if names is not None else (None,) * v.value.ndim
-
-    return nnx.to_pure_dict(jax.tree.map(axes, state, is_leaf=lambda x: isinstance(x, nnx.Variable)))

@@ -107,6 +107,7 @@ def memory_plan(cfg, platform: str = "tpu", devices=None) -> dict:
     import time
 
     from gptjax import model as model_lib
+    from gptjax import params as params_lib
     from gptjax import sharding, steps
 
     cfg = for_platform(cfg, platform)
@@ -124,7 +125,7 @@ def memory_plan(cfg, platform: str = "tpu", devices=None) -> dict:
     out = {
         "model": {"n_layer": m.n_layer, "n_head": m.n_head, "n_embd": m.n_embd, "block_size": m.block_size,
                   "vocab_size": m.vocab_size, "dtype": m.dtype, "remat": m.remat,
-                  "params": model_lib.count_params(setup.state["params"])},
+                  "params": params_lib.count_params(setup.state["params"])},
         "platform_choices": {"platform": platform, "attention": m.attention, "matmul": m.matmul},
         "mesh": dict(mesh.shape), "batch_size": cfg.train.batch_size, "compile_s": round(compile_s, 2),
         "compiled": {

@@ -84,7 +84,7 @@ def quantize_model(model: nnx.Module, scheme: str = "int8") -> nnx.Module:
         return model
     if getattr(getattr(model, "cfg", None), "scan_layers", False):
         raise UserError(f"{scheme} quantization needs the per-layer model, not model.scan_layers=True: build it "
-                        "with scan_layers=False and model.unstack_layers(params) (gptjax.sample does).")
+                        "with scan_layers=False and params.unstack_layers(params) (gptjax.sample does).")
     _swap(model)
     return model
 

@@ -13,6 +13,7 @@ from gptjax import console as console_lib
 from gptjax import history as history_lib
 from gptjax import logs as logs_lib
 from gptjax import model as model_lib
+from gptjax import params as params_lib
 from gptjax import plot as plot_lib
 from gptjax import sharding
 from gptjax.workdir import Workdir
@@ -51,7 +52,7 @@ class Reporter:
         self.say(f"tokenizer: {data.tokenizer.kind}, vocab {data.tokenizer.vocab_size:,}")
         self.say(f"model: {m.n_layer} layers, {m.n_head} heads, {m.n_embd} wide, context {m.block_size}, "
                  f"{m.activation}, {m.dtype} compute")
-        for line in console_lib.model_summary(model_lib.param_counts(params)):
+        for line in console_lib.model_summary(params_lib.param_counts(params)):
             self.say(line)
         n = self.tokens_per_step
         self.say(f"train: {t.steps:,} steps x {t.batch_size} sequences x {m.block_size} tokens = {n:,} tokens/step, "

@@ -22,7 +22,6 @@ import os
 
 import jax
 import numpy as np
-import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from gptjax.errors import UserError
@@ -161,14 +160,27 @@ def compute_shardings(params_sh):
 
 
 def opt_state_shardings(tx, abstract_params, params_sh, mesh: Mesh):
-    """Optimizer state laid out like the parameters (Adam's mu and nu are
-    split exactly as their weights); scalars such as the step count replicated."""
-    abstract_state = jax.eval_shape(tx.init, abstract_params)
-    return optax.tree_map_params(
-        tx, lambda _, sh: sh, abstract_state, params_sh,
-        transform_non_params=lambda _: replicated(mesh),
-        is_leaf=lambda x: isinstance(x, NamedSharding),
-    )
+    """Optimizer state laid out like the parameters; scalars such as the step count replicated.
+
+    A state leaf whose key path ends in a parameter's path, with that
+    parameter's shape, takes its sharding (Adam's mu and nu, Muon's momentum,
+    also inside `optax.partition`, whose per-group states hold only their
+    group's parameters); anything else is replicated.
+    """
+    names = lambda path: tuple(str(k) for k in path)
+    by_path = {names(path): (sh, shape.shape) for (path, sh), shape in zip(
+        jax.tree_util.tree_leaves_with_path(params_sh, is_leaf=lambda x: isinstance(x, NamedSharding)),
+        jax.tree.leaves(abstract_params))}
+
+    def leaf_sharding(path, leaf):
+        path = names(path)
+        for i in range(len(path)):
+            sh, shape = by_path.get(path[i:], (None, None))
+            if sh is not None and shape == leaf.shape:
+                return sh
+        return replicated(mesh)
+
+    return jax.tree_util.tree_map_with_path(leaf_sharding, jax.eval_shape(tx.init, abstract_params))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -19,6 +19,7 @@ from flax import nnx
 
 from gptjax import faults
 from gptjax import model as model_lib
+from gptjax import params as params_lib
 from gptjax import sharding
 
 
@@ -32,20 +33,54 @@ def loss_fn(graphdef, params, x, y, dropout_key=None):
     return token_losses(nnx.merge(graphdef, params)(x, dropout_key=dropout_key), y).mean()
 
 
-def make_optimizer(t):
-    """AdamW with linear warm-up then cosine decay to min_lr; returns (optimizer, schedule).
-
-    Weight decay applies to matrices (Dense kernels, token and position
-    embeddings), as in nanoGPT; never to biases or LayerNorm parameters.
-    """
+def _schedule(t, peak: float):
+    """Linear warm-up to `peak`, then cosine decay to peak * min_lr / lr."""
     decay_steps = max(t.decay_steps or t.steps, t.warmup_steps + 1)
-    schedule = optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=t.lr, warmup_steps=t.warmup_steps,
-        decay_steps=decay_steps, end_value=t.min_lr,
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=peak, warmup_steps=t.warmup_steps,
+        decay_steps=decay_steps, end_value=peak * t.min_lr / t.lr,
     )
+
+
+def is_hidden_matrix(path) -> bool:
+    """A Dense kernel inside the blocks (attention qkv/proj, MLP fc/proj): what Muon updates."""
+    names = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+    return names[0] == "blocks" and names[-1] == "kernel"
+
+
+def make_optimizer(t):
+    """The optimizer of `train.optimizer` and the schedule it logs (of train.lr); returns (optimizer, schedule).
+
+    adamw: AdamW with linear warm-up then cosine decay to min_lr. Weight decay
+    applies to matrices (Dense kernels, token and position embeddings), as in
+    nanoGPT; never to biases or norm scales.
+
+    muon: `optax.contrib.muon` (momentum train.muon_beta, Nesterov, 5
+    Newton-Schulz steps) on the blocks' Dense kernels at peak train.muon_lr,
+    and the AdamW above on everything else (embeddings, the head, norms,
+    biases) at train.lr; both follow the same warm-up + cosine shape, each
+    from its own peak. Under FSDP or tensor sharding the Muon momentum is laid
+    out like its weight (`sharding.opt_state_shardings`) and Newton-Schulz
+    runs inside the same jit on those sharded arrays: XLA's partitioner
+    inserts the collectives its matmuls and Frobenius norm need (all-gathers,
+    all-reduces) rather than us gathering the matrix by hand, and the result
+    is the unsharded update up to float summation order.
+    """
+    schedule = _schedule(t, t.lr)
     decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+    adamw = optax.adamw(schedule, b1=t.beta1, b2=t.beta2, weight_decay=t.weight_decay, mask=decay_mask)
     parts = [optax.clip_by_global_norm(t.grad_clip)] if t.grad_clip > 0 else []
-    parts.append(optax.adamw(schedule, b1=t.beta1, b2=t.beta2, weight_decay=t.weight_decay, mask=decay_mask))
+    if t.get("optimizer", "adamw") == "muon":
+        # The last two axes are the matrix (a layer-stacked kernel's leading axis is a batch axis).
+        dims = lambda params: jax.tree.map(
+            lambda p: optax.contrib.MuonDimensionNumbers(p.ndim - 2, p.ndim - 1), params)
+        muon = optax.contrib.muon(_schedule(t, t.muon_lr), beta=t.muon_beta, weight_decay=t.weight_decay,
+                                  muon_weight_dimension_numbers=dims)
+        labels = lambda params: jax.tree_util.tree_map_with_path(
+            lambda path, _: "muon" if is_hidden_matrix(path) else "adamw", params)
+        parts.append(optax.partition({"muon": muon, "adamw": adamw}, labels))
+    else:
+        parts.append(adamw)
     return optax.chain(*parts), schedule
 
 
@@ -88,7 +123,7 @@ def init_train_state(cfg, mesh, params=None, abstract: bool = False) -> TrainSet
     t = cfg.train
     model = abstract_model(cfg.model)
     abstract_params = nnx.to_pure_dict(nnx.state(model))
-    params_sh = sharding.param_shardings(model_lib.logical_axes(model), mesh, abstract_params)
+    params_sh = sharding.param_shardings(params_lib.logical_axes(model), mesh, abstract_params)
     tx, schedule = make_optimizer(t)
     opt_sh = sharding.opt_state_shardings(tx, abstract_params, params_sh, mesh)
     scalar_sh = sharding.replicated(mesh)

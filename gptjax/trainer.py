@@ -28,6 +28,7 @@ from gptjax import logs as logs_lib
 from gptjax import sharding
 from gptjax import steps as steps_lib
 from gptjax import model as model_lib
+from gptjax import params as params_lib
 from gptjax import decode as decode_lib
 from gptjax import eval as eval_lib
 from gptjax import init_from as init_from_lib
@@ -67,7 +68,7 @@ class Trainer:
         self.evaluate = eval_lib.Evaluator(cfg, setup, data)
         self.batch_rows = sharding.process_rows(setup.mesh, t.batch_size)  # this process's share
         self.tokens_per_step = t.batch_size * m.block_size
-        counts = model_lib.param_counts(self.state["params"])
+        counts = params_lib.param_counts(self.state["params"])
         self.flops_per_token = flops_per_token(m, sum(counts.values()), counts.get("wpe", 0))
         self.peak_flops, self.peak_source = peak_flops(list(setup.mesh.devices.flat))
         self.nonfinite = faults.NonFiniteGuard(t.max_bad_steps)
@@ -213,8 +214,8 @@ class Trainer:
             self.report.say(f"step {step:>6} | no checkpoint: the last {self.nonfinite.in_a_row} update(s) were skipped")
             return
         try:
-            self.ckpt.save(step, model_lib.unstack_layers(self.state["params"]),  # on disk: per layer
-                           model_lib.unstack_layers(self.state["opt_state"]), {"step": step},
+            self.ckpt.save(step, params_lib.unstack_layers(self.state["params"]),  # on disk: per layer
+                           params_lib.unstack_layers(self.state["opt_state"]), {"step": step},
                            val_loss=val_loss, force=force)
         except CheckpointWriteError as e:
             raise faults.TrainingStopped(str(e), faults.EXIT_CHECKPOINT_WRITE) from None
@@ -388,8 +389,8 @@ def _restore(cfg, ckpt: Checkpointer, setup: steps_lib.TrainSetup, log) -> int |
     """Restore the newest checkpoint that restores cleanly into `setup.state` (broken newer ones are
     reported and moved aside); returns its step, or None for a fresh start."""
     found = ckpt.restore_newest(  # checkpoints hold the per-layer layout, whatever model.scan_layers
-        model_lib.unstack_layers(abstract_like(setup.state["params"], setup.params_sh)),
-        model_lib.unstack_layers(abstract_like(setup.state["opt_state"], setup.state_sh["opt_state"])),
+        params_lib.unstack_layers(abstract_like(setup.state["params"], setup.params_sh)),
+        params_lib.unstack_layers(abstract_like(setup.state["opt_state"], setup.state_sh["opt_state"])),
         log=lambda msg: print(msg, file=sys.stderr, flush=True) if jax.process_index() == 0 else None,
     )
     if found is None:
@@ -397,7 +398,7 @@ def _restore(cfg, ckpt: Checkpointer, setup: steps_lib.TrainSetup, log) -> int |
         return None
     step, params, opt_state, _ = found
     if cfg.model.scan_layers:
-        params, opt_state = jax.device_put(model_lib.stack_layers((params, opt_state)),
+        params, opt_state = jax.device_put(params_lib.stack_layers((params, opt_state)),
                                            (setup.params_sh, setup.state_sh["opt_state"]))
     setup.state = {"params": params, "opt_state": opt_state,
                    "step": jax.device_put(jnp.asarray(step, jnp.int32), setup.scalar_sh)}

@@ -29,6 +29,7 @@ from flax import nnx
 from gptjax import checkpoint as checkpoint_lib
 from gptjax import config as config_lib
 from gptjax import model as model_lib
+from gptjax import params as params_lib
 from gptjax import quantize as quantize_lib
 from gptjax.errors import UserError
 from gptjax import tokenizers as tok_lib
@@ -230,7 +231,7 @@ def load_run(workdir: str, step: int | None = None, quantize: str = "none") -> L
     finally:
         ckpt.close()
     if cfg.model.scan_layers and quantize == "none":
-        graphdef, params = _abstract(cfg, "none")[0], model_lib.stack_layers(params)
+        graphdef, params = _abstract(cfg, "none")[0], params_lib.stack_layers(params)
     if quantize != "none":  # int8 swaps the per-layer model's Linear/Embed modules
         model = quantize_lib.quantize_model(nnx.merge(graphdef, params), quantize)
         graphdef, params = nnx.graphdef(model), nnx.to_pure_dict(nnx.state(model))

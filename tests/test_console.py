@@ -9,6 +9,7 @@ from flax import nnx
 from gptjax import config as config_lib
 from gptjax import console as console_lib
 from gptjax import model as model_lib
+from gptjax import params as params_lib
 
 
 def tiny_model(**overrides):
@@ -36,7 +37,7 @@ def test_summary_table_total_is_the_real_parameter_count(overrides):
     by_hand = V * D + T * D + L * per_block + D * (1 + b) + (0 if cfg.tie_embeddings else V * D)
     assert real == by_hand
 
-    lines = console_lib.model_summary(model_lib.param_counts(params))
+    lines = console_lib.model_summary(params_lib.param_counts(params))
     assert table_value(lines, "total") == real
     assert table_value(lines, "non-embedding") == real - V * D - T * D
     assert table_value(lines, "blocks.1") == per_block

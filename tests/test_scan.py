@@ -15,6 +15,7 @@ from flax import nnx
 
 from gptjax import diagnostics as diag_lib
 from gptjax import model as model_lib
+from gptjax import params as params_lib
 from gptjax import steps
 from gptjax.errors import UserError
 
@@ -30,7 +31,7 @@ def _pair(**kw):
     per_layer = nnx.merge(graphdef, state)
     scanned_def = nnx.graphdef(nnx.eval_shape(
         lambda: model_lib.GPT(model_lib.ModelConfig(**KW, **kw, scan_layers=True), rngs=nnx.Rngs(0))))
-    return per_layer, nnx.merge(scanned_def, model_lib.stack_layers(params)), params
+    return per_layer, nnx.merge(scanned_def, params_lib.stack_layers(params)), params
 
 
 def _tokens(seed=0, B=2):
@@ -41,7 +42,7 @@ def test_same_seed_gives_the_unrolled_weights_stacked():
     a = nnx.to_pure_dict(nnx.state(model_lib.GPT(model_lib.ModelConfig(**KW), rngs=nnx.Rngs(7))))
     b = nnx.to_pure_dict(nnx.state(model_lib.GPT(model_lib.ModelConfig(**KW, scan_layers=True), rngs=nnx.Rngs(7))))
     assert b["blocks"]["attn"]["qkv"]["kernel"].shape == (3, 32, 96)
-    jax.tree.map(np.testing.assert_array_equal, model_lib.stack_layers(a), b)
+    jax.tree.map(np.testing.assert_array_equal, params_lib.stack_layers(a), b)
     assert not np.allclose(a["blocks"][0]["attn"]["qkv"]["kernel"], a["blocks"][1]["attn"]["qkv"]["kernel"])
 
 
@@ -53,9 +54,9 @@ def test_scan_gives_the_unrolled_logits_losses_and_gradients(kw):
     np.testing.assert_allclose(scanned(x, dropout_key=key), per_layer(x, dropout_key=key), atol=1e-5)
     loss_grad = lambda m, p: jax.value_and_grad(steps.loss_fn, argnums=1)(nnx.graphdef(m), p, x, y, key)
     la, ga = loss_grad(per_layer, params)
-    lb, gb = loss_grad(scanned, model_lib.stack_layers(params))
+    lb, gb = loss_grad(scanned, params_lib.stack_layers(params))
     np.testing.assert_allclose(lb, la, rtol=1e-6)
-    jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, atol=1e-5), model_lib.unstack_layers(gb), ga)
+    jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, atol=1e-5), params_lib.unstack_layers(gb), ga)
 
 
 def test_scan_is_causal():
@@ -85,7 +86,7 @@ def test_decode_loop_with_scan_matches_the_unrolled_model():
     per_layer, scanned, params = _pair()
     prompt = np.asarray(_tokens(4, B=1)[0, :4])
     outs = [sample_lib.generate_ids(nnx.graphdef(m), p, prompt, 0, 6, temperature=1e-3)
-            for m, p in ((per_layer, params), (scanned, model_lib.stack_layers(params)))]
+            for m, p in ((per_layer, params), (scanned, params_lib.stack_layers(params)))]
     np.testing.assert_array_equal(outs[0], outs[1])
 
 
@@ -100,7 +101,7 @@ def test_diagnostics_with_scan_equal_the_unrolled_ones():
     tx = optax.adam(1e-3)
     step_a = diag_lib.make_diagnostics_step(nnx.graphdef(per_layer), tx)
     step_b = diag_lib.make_diagnostics_step(nnx.graphdef(scanned), tx)
-    stacked = model_lib.stack_layers(params)
+    stacked = params_lib.stack_layers(params)
     da = step_a({"params": params, "opt_state": tx.init(params)}, x, x)
     db = step_b({"params": stacked, "opt_state": tx.init(stacked)}, x, x)
     assert set(da) == set(db) and "diag/grad_norm/blocks.1" in db
@@ -112,33 +113,33 @@ def test_layout_round_trip_of_params_and_optimizer_state():
     _, _, params = _pair()
     tx = steps.make_optimizer(_train_cfg())[0]
     opt_state = tx.update(jax.tree.map(jnp.ones_like, params), tx.init(params), params)[1]  # non-zero moments
-    stacked = model_lib.stack_layers((params, opt_state))
+    stacked = params_lib.stack_layers((params, opt_state))
     assert jax.tree.structure(stacked[1]) == jax.tree.structure(tx.init(stacked[0]))  # a valid stacked state
-    back = model_lib.unstack_layers(stacked)
+    back = params_lib.unstack_layers(stacked)
     jax.tree.map(np.testing.assert_array_equal, back, (params, opt_state))
-    assert model_lib.stack_layers(stacked) is not None
-    jax.tree.map(np.testing.assert_array_equal, model_lib.stack_layers(stacked), stacked)  # already stacked: as is
-    jax.tree.map(np.testing.assert_array_equal, model_lib.unstack_layers(back), back)
+    assert params_lib.stack_layers(stacked) is not None
+    jax.tree.map(np.testing.assert_array_equal, params_lib.stack_layers(stacked), stacked)  # already stacked: as is
+    jax.tree.map(np.testing.assert_array_equal, params_lib.unstack_layers(back), back)
 
 
 def test_layout_conversion_of_restore_targets_moves_the_sharding():
     mesh = jax.make_mesh((1,), ("fsdp",), devices=jax.devices()[:1])
     sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, None, "fsdp"))
     stacked = {"blocks": {"w": jax.ShapeDtypeStruct((3, 4, 8), jnp.float32, sharding=sh)}}
-    per_layer = model_lib.unstack_layers(stacked)
+    per_layer = params_lib.unstack_layers(stacked)
     assert sorted(per_layer["blocks"]) == [0, 1, 2]
     assert per_layer["blocks"][1]["w"].shape == (4, 8)
     assert tuple(per_layer["blocks"][1]["w"].sharding.spec) == (None, "fsdp")
-    again = model_lib.stack_layers(per_layer)["blocks"]["w"]
+    again = params_lib.stack_layers(per_layer)["blocks"]["w"]
     assert again.shape == (3, 4, 8) and tuple(again.sharding.spec) == (None, None, "fsdp")
 
 
 def test_param_counts_report_each_layer():
     per_layer, scanned, _ = _pair(bias=True)
-    a = model_lib.param_counts(nnx.to_pure_dict(nnx.state(per_layer)))
-    b = model_lib.param_counts(nnx.to_pure_dict(nnx.state(scanned)))
+    a = params_lib.param_counts(nnx.to_pure_dict(nnx.state(per_layer)))
+    b = params_lib.param_counts(nnx.to_pure_dict(nnx.state(scanned)))
     assert a == b and "blocks.2" in b and "blocks.3" not in b
-    axes = model_lib.logical_axes(scanned)["blocks"]
+    axes = params_lib.logical_axes(scanned)["blocks"]
     assert axes["attn"]["qkv"]["kernel"] == (None, "embed", "qkv")  # the layer axis replicated
     assert axes["ln_1"]["scale"] == (None, "embed")
 

@@ -1,0 +1,184 @@
+"""steps.py: the optimizer switch (AdamW / Muon), train state, compiled steps.
+
+The 8-device Muon test needs 8 CPU devices, which JAX gives only when
+XLA_FLAGS is set before it starts: `test_muon_on_eight_devices` reruns this
+file in a fresh pytest with the flag set (inside it, the other tests skip).
+"""
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import ROOT, small_config
+from gptjax import config as config_lib
+from gptjax import sharding
+from gptjax import steps
+
+INNER = os.environ.get("GPTJAX_EIGHT_DEVICE_TESTS") == "1"
+eight_devices = pytest.mark.skipif(not INNER, reason="runs inside test_muon_on_eight_devices")
+outer = pytest.mark.skipif(INNER, reason="runs in the one-device process")
+
+
+def step_config(**overrides):
+    c = config_lib.base_config()
+    m, t = c.model, c.train
+    m.n_layer, m.n_head, m.n_embd, m.block_size, m.vocab_size = 2, 4, 32, 16, 50
+    t.batch_size, t.steps, t.warmup_steps, t.lr, t.grad_clip = 8, 20, 2, 3e-3, 1.0
+    for key, value in overrides.items():
+        section, name = key.split(".")
+        c[section][name] = value
+    return c
+
+
+def batch(seed=0, B=8, T=16, V=50):
+    tokens = np.random.default_rng(seed).integers(0, V, size=(B, T + 1))
+    return jnp.asarray(tokens[:, :-1], jnp.int32), jnp.asarray(tokens[:, 1:], jnp.int32)
+
+
+def losses_of(cfg, mesh, n=6):
+    setup = steps.init_train_state(cfg, mesh)
+    step = steps.make_train_step(setup, cfg)
+    state, out = setup.state, []
+    for i in range(n):
+        x, y = (jax.device_put(a, setup.batch_sh) for a in batch(i % 2))
+        state, metrics = step(state, x, y)
+        out.append(float(metrics["loss"]))
+    return out, state
+
+
+def one_device_mesh():
+    return sharding.make_mesh(config_lib.base_config().mesh, jax.devices()[:1])
+
+
+SWITCHES = {
+    "muon": {"train.optimizer": "muon", "train.muon_lr": 0.05},
+    "rope": {"model.position": "rope"},
+    "rmsnorm": {"model.norm": "rmsnorm"},
+    "relu2": {"model.activation": "relu2"},
+    "qk_norm": {"model.qk_norm": True},
+    "softcap": {"model.logit_softcap": 15.0},
+    "zero_init_proj": {"model.zero_init_proj": True},
+}
+
+
+@outer
+@pytest.mark.parametrize("name", list(SWITCHES))
+def test_each_switch_trains(name):
+    cfg = step_config(**SWITCHES[name])
+    config_lib.validate(cfg)
+    losses, _ = losses_of(cfg, one_device_mesh(), n=12)
+    assert np.isfinite(losses).all()
+    assert losses[-1] < losses[1] - 0.1, losses  # two batches, alternating: the loss falls on both
+
+
+def test_muon_updates_the_blocks_matrices_and_adamw_the_rest():
+    params = steps.init_params(step_config().model, 0)
+    labels = jax.tree_util.tree_map_with_path(lambda p, _: steps.is_hidden_matrix(p), params)
+    blocks = labels["blocks"][0]
+    assert blocks["attn"]["qkv"]["kernel"] and blocks["attn"]["proj"]["kernel"]
+    assert blocks["mlp"]["fc"]["kernel"] and blocks["mlp"]["proj"]["kernel"]
+    assert not labels["wte"]["embedding"] and not labels["wpe"]["embedding"]
+    assert not blocks["ln_1"]["scale"] and not labels["ln_f"]["scale"]
+
+    # One Muon step moves a matrix by an orthogonalised update: all its singular values alike.
+    cfg = step_config(**{"train.optimizer": "muon", "train.warmup_steps": 0, "train.grad_clip": 0.0,
+                         "train.weight_decay": 0.0})
+    _, state = losses_of(cfg, one_device_mesh(), n=1)
+    before = steps.init_params(cfg.model, cfg.train.seed)
+    delta = np.asarray(state["params"]["blocks"][0]["mlp"]["proj"]["kernel"]
+                       - before["blocks"][0]["mlp"]["proj"]["kernel"])
+    s = np.linalg.svd(delta, compute_uv=False)
+    # Newton-Schulz leaves them within ~[0.5, 1.5] of each other (AdamW's update is far from that);
+    # the last is ~0: the next LayerNorm removes the mean over features, so the gradient has no such part.
+    assert s[-2] > 0.3 * s[0] and s[-1] < 1e-3 * s[0], s
+    # AdamW moves each embedding entry by about lr in the first step.
+    d_wte = np.abs(np.asarray(state["params"]["wte"]["embedding"] - before["wte"]["embedding"]))
+    np.testing.assert_allclose(np.median(d_wte[d_wte > 0]), cfg.train.lr, rtol=0.3)
+
+
+def test_the_default_optimizer_is_unchanged_adamw():
+    cfg = step_config()
+    tx, _ = steps.make_optimizer(cfg.train)
+    params = steps.init_params(cfg.model, 0)
+    # clip + adamw: no partition, so checkpoints of earlier runs keep their optimizer-state layout.
+    state = jax.eval_shape(tx.init, params)
+    assert type(state[1][0]).__name__ == "ScaleByAdamState"
+
+
+def test_muon_state_is_laid_out_like_the_parameters():
+    cfg = step_config(**{"train.optimizer": "muon"})
+    setup = steps.init_train_state(cfg, one_device_mesh(), abstract=True)
+    shapes = [x.shape for x in jax.tree.leaves(setup.state["opt_state"])]
+    assert (32, 96) in shapes and (50, 32) in shapes  # Muon's momentum of qkv, Adam's moments of wte
+
+
+# ----------------------------------------------------------------------------- checkpoints, meshes
+
+@outer
+def test_a_muon_run_stopped_and_resumed_continues_bitwise(text_file, tmp_path):
+    from gptjax.train import Run
+
+    def cfg(workdir):
+        return small_config(text_file, workdir, **{"train.optimizer": "muon", "train.steps": 12,
+                                                   "train.checkpoint_every": 100, "train.steps_per_call": 1})
+
+    straight = Run(cfg(tmp_path / "a"), str(tmp_path / "a"), quiet=True)
+    straight.train()
+    first = Run(cfg(tmp_path / "b"), str(tmp_path / "b"), quiet=True)
+    first.train(stop_at=5)
+    resumed = Run(cfg(tmp_path / "b"), str(tmp_path / "b"), quiet=True)
+    assert resumed.resumed_from == 5
+    resumed.train()
+    for a, b in zip(jax.tree.leaves(straight.state), jax.tree.leaves(resumed.state)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    mu = [x for p, x in jax.tree_util.tree_leaves_with_path(resumed.state["opt_state"])
+          if "mu" in jax.tree_util.keystr(p)]
+    assert mu and any(np.any(np.asarray(x)) for x in mu)  # the momentum was restored, not re-zeroed
+
+
+@eight_devices
+@pytest.mark.parametrize("mesh", [(8, 1, 1), (2, 2, 2), (1, 4, 2)])
+def test_muon_on_a_sharded_mesh_gives_the_one_device_losses(mesh):
+    cfg = step_config(**{"train.optimizer": "muon", "model.n_embd": 64})
+    want, _ = losses_of(cfg, one_device_mesh())
+    c = step_config(**{"train.optimizer": "muon", "model.n_embd": 64})
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh
+    m = sharding.make_mesh(c.mesh, jax.devices())
+    got, state = losses_of(c, m)
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    kernel = state["params"]["blocks"][0]["mlp"]["fc"]["kernel"]
+    assert len({tuple(s.data.shape) for s in kernel.addressable_shards}) == 1
+    if mesh[1] * mesh[2] > 1:
+        assert kernel.addressable_shards[0].data.size < kernel.size  # really split
+        mu = [x for p, x in jax.tree_util.tree_leaves_with_path(state["opt_state"])
+              if "mu" in jax.tree_util.keystr(p) and x.shape == kernel.shape]
+        assert mu and all(x.sharding == kernel.sharding for x in mu)
+
+
+@outer
+@pytest.mark.slow
+def test_muon_on_eight_devices():
+    """Runs the `eight_devices` tests above in a process that JAX starts with 8 CPU devices."""
+    env = dict(os.environ, GPTJAX_EIGHT_DEVICE_TESTS="1", JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", os.path.abspath(__file__)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    assert " passed" in proc.stdout and "failed" not in proc.stdout, proc.stdout[-2000:]
+
+
+def test_switching_the_optimizer_on_resume_is_refused():
+    from gptjax.errors import UserError
+
+    saved = step_config().to_dict()
+    new = step_config(**{"train.optimizer": "muon"}).to_dict()
+    with pytest.raises(UserError, match=r"refusing to resume.*train\.optimizer: 'adamw' -> 'muon'"):
+        config_lib.check_resume_config(saved, new, True, "w")
+    assert config_lib.check_resume_config(saved, step_config(**{"train.muon_lr": 0.01}).to_dict(), True, "w")
