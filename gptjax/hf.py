@@ -91,11 +91,26 @@ def model_config_from_hf(hf: dict, where: str) -> dict:
     }
 
 
+# The model switches GPT-2 has no counterpart for, with their GPT-2 values (zero_init_proj only
+# changes the initial weights, so it exports).
+GPT2_VALUES = {"position": "learned", "norm": "layernorm", "qk_norm": False, "logit_softcap": 0.0}
+
+
+def gpt2_incompatible(m) -> list[str]:
+    """`model.KEY=value` for each setting a GPT-2 checkpoint cannot represent (empty: exportable)."""
+    bad = [f"model.{k}={m[k]!r}" for k, v in GPT2_VALUES.items() if m.get(k, v) != v]
+    if m.activation not in ACTIVATION_TO_HF:
+        bad.append(f"model.activation={m.activation!r}")
+    return bad
+
+
 def hf_config_from_model(m, eot_id: int | None = None) -> dict:
     """config.json for `transformers` (GPT2LMHeadModel) from our `model` section."""
-    if m.activation not in ACTIVATION_TO_HF:
-        raise UserError(f"model.activation={m.activation!r} has no GPT-2 equivalent in transformers; "
-                        f"exportable: {', '.join(ACTIVATION_TO_HF)}.")
+    bad = gpt2_incompatible(m)
+    if bad:
+        raise UserError(f"this model cannot be exported as GPT-2: {', '.join(bad)} "
+                        f"(GPT-2 has learned positions, LayerNorm, no QK-norm or logit soft-cap, and the "
+                        f"activations {', '.join(ACTIVATION_TO_HF)}).")
     return {
         "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
         "vocab_size": m.vocab_size, "n_positions": m.block_size, "n_embd": m.n_embd,

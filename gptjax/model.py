@@ -350,24 +350,6 @@ class GPT(nnx.Module):
         return x, new_cache
 
 
-# The switches GPT-2 has no counterpart for, with their GPT-2 values.
-GPT2_DEFAULTS = {"position": "learned", "norm": "layernorm", "qk_norm": False, "logit_softcap": 0.0}
-GPT2_UNKNOWN_ACTIVATIONS = ("relu2",)
-
-
-def gpt2_incompatible(cfg) -> list[str]:
-    """`key=value` for each model switch a GPT-2 checkpoint cannot represent (empty: exportable).
-
-    zero_init_proj only changes the initial weights, so it is not listed.
-    Of the activations only relu2 has no `activation_function` in GPT-2's config.
-    """
-    cfg = ModelConfig.of(cfg)
-    bad = [f"model.{k}={getattr(cfg, k)!r}" for k, v in GPT2_DEFAULTS.items() if getattr(cfg, k) != v]
-    if cfg.activation in GPT2_UNKNOWN_ACTIVATIONS:
-        bad.append(f"model.activation={cfg.activation!r}")
-    return bad
-
-
 def init_cache(cfg, batch_size: int, max_len: int | None = None, dtype=None):
     """Zeroed keys/values for every layer: a list of {"k", "v"} of [B, max_len, H, K] each, or with
     scan_layers one {"k", "v"} of [n_layer, B, max_len, H, K]."""

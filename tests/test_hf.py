@@ -1,6 +1,7 @@
 """gptjax.hf: the pure GPT-2 <-> gptjax mapping, checked against a checkpoint saved by transformers."""
 
 import json
+import re
 import os
 
 import jax
@@ -167,3 +168,14 @@ def test_tokenizer_of_an_import():
     other = {"vocab.json": json.dumps({"ab": 0, "b": 1})}
     with pytest.raises(UserError, match="not GPT-2's BPE"):
         hf.tokenizer_for_import(other, 2, lambda: {"!": 0}, "x")
+
+
+def test_an_export_of_switches_gpt2_cannot_represent_is_one_clear_error():
+    assert hf.gpt2_incompatible(model_cfg()) == []
+    assert hf.gpt2_incompatible(model_cfg(zero_init_proj=True, activation="relu")) == []  # both exist in GPT-2
+    modern = model_cfg(position="rope", norm="rmsnorm", qk_norm=True, logit_softcap=30.0, activation="relu2")
+    bad = ["model.position='rope'", "model.norm='rmsnorm'", "model.qk_norm=True", "model.logit_softcap=30.0",
+           "model.activation='relu2'"]
+    assert hf.gpt2_incompatible(modern) == bad
+    with pytest.raises(UserError, match="cannot be exported as GPT-2: " + re.escape(", ".join(bad))):
+        hf.hf_config_from_model(modern)

@@ -201,14 +201,6 @@ def test_relu2_is_relu_squared():
     assert set(model_lib.ACTIVATION_FNS) == set(config_lib.ACTIVATIONS)
 
 
-def test_gpt2_incompatible_names_the_switches_gpt2_cannot_represent():
-    assert model_lib.gpt2_incompatible(tiny_model_cfg()) == []
-    assert model_lib.gpt2_incompatible(tiny_model_cfg(zero_init_proj=True, activation="relu")) == []
-    bad = model_lib.gpt2_incompatible(tiny_model_cfg(**SWITCHES["all"]))
-    assert bad == ["model.position='rope'", "model.norm='rmsnorm'", "model.qk_norm=True",
-                   "model.logit_softcap=3.0", "model.activation='relu2'"]
-
-
 def test_switches_work_with_int8_quantization():
     from gptjax import quantize
 
