@@ -20,7 +20,12 @@ from gptjax.errors import UserError
 
 INNER = os.environ.get("GPTJAX_EIGHT_DEVICE_PLAN_TESTS") == "1"
 eight_devices = pytest.mark.skipif(not INNER, reason="runs inside test_eight_device_plan_tests")
-outer = pytest.mark.skipif(INNER, reason="launches a process of its own")
+
+
+def outer(test):
+    """Runs only in the outer pytest (it starts processes of its own); an end-to-end test."""
+    return pytest.mark.slow(pytest.mark.skipif(INNER, reason="launches a process of its own")(test))
+
 
 MESHES = {"data8": (8, 1, 1), "fsdp8": (1, 8, 1), "data2_fsdp2_tensor2": (2, 2, 2)}
 
@@ -140,7 +145,6 @@ def test_parse_mesh():
 
 
 @outer
-@pytest.mark.slow
 def test_eight_device_plan_tests():
     """Runs the `eight_devices` tests above in a process that JAX starts with 8 CPU devices."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", GPTJAX_EIGHT_DEVICE_PLAN_TESTS="1",
@@ -152,7 +156,6 @@ def test_eight_device_plan_tests():
 
 
 @outer
-@pytest.mark.slow
 def test_plan_command_prints_the_table():
     proc = subprocess.run([sys.executable, "-m", "gptjax.plan", "--config", "configs/tiny.py", "--devices", "4",
                            "--mesh", "fsdp=4", "--config.model.vocab_size=65"], cwd=ROOT,

@@ -131,6 +131,7 @@ def copy_run(src, dest) -> str:
 
 # ----------------------------------------------------------------------------- 1. kill -9, restart, same result
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments_then_restart_gives_the_uninterrupted_result(text_file, tmp_path):
     steps = ["--config.train.steps=24", "--config.train.checkpoint_every=3", "--config.train.eval_every=8"]
     reference = start_train(text_file, tmp_path / "whole", *steps)  # runs alongside the killed one
@@ -182,6 +183,7 @@ def test_sigkill_at_random_moments_then_restart_gives_the_uninterrupted_result(t
 
 # ----------------------------------------------------------------------------- 2. SIGTERM: save and exit cleanly
 
+@pytest.mark.slow
 def test_sigterm_mid_run_saves_at_that_step_and_exits_with_the_preempted_status(text_file, tmp_path):
     workdir = str(tmp_path / "run")
     proc = start_train(text_file, workdir, "--config.train.steps=5000", "--config.train.checkpoint_every=10000",
@@ -200,6 +202,7 @@ def test_sigterm_mid_run_saves_at_that_step_and_exits_with_the_preempted_status(
     assert load_run(workdir)[-1] == step
 
 
+@pytest.mark.slow
 def test_a_second_signal_exits_at_once():
     previous = signal.getsignal(signal.SIGINT)
     with faults.StopSignals() as signals:
@@ -212,6 +215,7 @@ def test_a_second_signal_exits_at_once():
     assert signal.getsignal(signal.SIGINT) is previous  # handlers put back
 
 
+@pytest.mark.slow
 def test_a_second_sigterm_ends_the_process_at_once():
     code = ("import os, signal, sys, time\n"
             "from gptjax import faults\n"

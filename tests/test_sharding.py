@@ -28,7 +28,12 @@ from gptjax.trainer import build as Run
 
 INNER = os.environ.get("GPTJAX_EIGHT_DEVICE_TESTS") == "1"
 eight_devices = pytest.mark.skipif(not INNER, reason="runs inside test_eight_device_tests")
-outer = pytest.mark.skipif(INNER, reason="launches processes of its own")
+
+
+def outer(test):
+    """Runs only in the outer pytest (it starts processes of its own); an end-to-end test."""
+    return pytest.mark.slow(pytest.mark.skipif(INNER, reason="launches processes of its own")(test))
+
 
 MESHES = {  # name: (data, fsdp, tensor)
     "1": (1, 1, 1),

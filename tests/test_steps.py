@@ -21,7 +21,11 @@ from gptjax import steps
 
 INNER = os.environ.get("GPTJAX_EIGHT_DEVICE_TESTS") == "1"
 eight_devices = pytest.mark.skipif(not INNER, reason="runs inside test_muon_on_eight_devices")
-outer = pytest.mark.skipif(INNER, reason="runs in the one-device process")
+
+
+def outer(test):
+    """Runs only in the outer pytest (it starts processes of its own); an end-to-end test."""
+    return pytest.mark.slow(pytest.mark.skipif(INNER, reason="runs in the one-device process")(test))
 
 
 def step_config(**overrides):
@@ -161,7 +165,6 @@ def test_muon_on_a_sharded_mesh_gives_the_one_device_losses(mesh):
 
 
 @outer
-@pytest.mark.slow
 def test_muon_on_eight_devices():
     """Runs the `eight_devices` tests above in a process that JAX starts with 8 CPU devices."""
     env = dict(os.environ, GPTJAX_EIGHT_DEVICE_TESTS="1", JAX_PLATFORMS="cpu",
