@@ -50,7 +50,8 @@ def main() -> None:
     import transformers
     from flax import nnx
 
-    from gptjax.sample import generate_ids, load_run
+    from gptjax.decode import generate_ids
+    from gptjax.workdir import load_run
 
     run = load_run(workdir)
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()

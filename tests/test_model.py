@@ -217,22 +217,19 @@ def test_switches_work_with_int8_quantization():
 def test_greedy_decoding_past_block_size_with_rope_equals_recomputation():
     # Past block_size the decode loop slides its window (re-prefilling it at positions 0..block-1);
     # with rotary positions only distances matter, so this equals recomputing each window.
-    from gptjax import sample as sample_lib
+    from gptjax import decode
 
     cfg = tiny_model_cfg(n_head=4, **SWITCHES["all"])
     graphdef, params = nnx.split(random_model(cfg))
     params = nnx.to_pure_dict(params)
     P, n_new = 4, 2 * cfg.block_size
-    tokens = np.zeros((2, cfg.block_size + n_new), np.int32)
-    tokens[:, :P] = [7, 3, 9, 1]
-    settings = {"temperature": jnp.float32(0), "top_k": jnp.int32(0), "top_p": jnp.float32(1),
-                "eot": jnp.int32(-1), "stop_ids": jnp.zeros((0,), jnp.int32), "prompt_len": jnp.int32(P),
-                "max_len": jnp.int32(P + n_new)}
+    window, settings = decode.request(np.array([7, 3, 9, 1], np.int32), 2, cfg.block_size, n_new,
+                                      temperature=0.0, top_k=0, top_p=1.0)
     out = {}
     for use_cache in (True, False):
-        seq, length = sample_lib.generate(graphdef, params, jnp.asarray(tokens), P, jax.random.key(0), settings,
-                                          use_cache=use_cache)
-        assert int(length) == P + n_new
-        out[use_cache] = np.asarray(seq[:, : P + n_new])
+        new, count = decode.generate(graphdef, params, window, P, jax.random.key(0), settings, n_new=n_new,
+                                     use_cache=use_cache)
+        assert int(count) == n_new
+        out[use_cache] = np.asarray(new)
     np.testing.assert_array_equal(out[True], out[False])
-    assert len(set(out[True][0, P:].tolist())) > 1
+    assert len(set(out[True][0].tolist())) > 1

@@ -81,11 +81,11 @@ def test_cached_decoding_with_scan_equals_recomputation():
 
 
 def test_decode_loop_with_scan_matches_the_unrolled_model():
-    from gptjax import sample as sample_lib
+    from gptjax import decode as decode_lib
 
     per_layer, scanned, params = _pair()
     prompt = np.asarray(_tokens(4, B=1)[0, :4])
-    outs = [sample_lib.generate_ids(nnx.graphdef(m), p, prompt, 0, 6, temperature=1e-3)
+    outs = [decode_lib.generate_ids(nnx.graphdef(m), p, prompt, 0, 6, temperature=1e-3)
             for m, p in ((per_layer, params), (scanned, params_lib.stack_layers(params)))]
     np.testing.assert_array_equal(outs[0], outs[1])
 
