@@ -116,7 +116,7 @@ class Checkpointer:
         if kept == step:  # the error came after the data was committed
             kept = None
         where = f"the previous checkpoint (step {kept}) is intact" if kept is not None else "no earlier checkpoint"
-        self._report_path = self._write_report(step, self._writer_output.text_so_far())
+        self._report_path = write_report(self.broken_dir, step, self._writer_output.text_so_far())
         report = f"; the checkpoint library's report is in {self._report_path}" if self._report_path else ""
         self._failure = CheckpointWriteError(
             f"could not write the checkpoint at step {step} to {self.directory} "
@@ -124,28 +124,6 @@ class Checkpointer:
             "Free disk space or fix the folder's permissions, then rerun the same command to resume."
         )
         return self._failure
-
-    def _write_report(self, step, text: str) -> str | None:
-        """Write what the library printed to the broken-checkpoints folder, else (a full disk) to the temp folder."""
-        name = f"write_error_step_{step}" + (f"_process_{jax.process_index()}" if jax.process_count() > 1 else "")
-        if self.broken_dir is not None:
-            path = os.path.join(self.broken_dir, f"{name}.txt")
-            if os.path.exists(path):
-                path = os.path.join(self.broken_dir, f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.txt")
-            try:
-                os.makedirs(self.broken_dir, exist_ok=True)
-                with open(path, "w", encoding="utf-8") as f:
-                    f.write(text)
-                return path
-            except OSError:
-                pass
-        try:
-            fd, path = tempfile.mkstemp(prefix=f"gptjax-checkpoint-{name}-", suffix=".txt")
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-            return path
-        except OSError:
-            return None
 
     def restore(self, step: int, abstract_params, abstract_opt_state=None):
         """(params, opt_state or None, meta); abstract trees carry the target shardings."""
@@ -192,7 +170,8 @@ class Checkpointer:
         workdir as it is. If none restores, nothing is moved and a UserError
         lists why each failed.
         """
-        failed = [(s, "incomplete: no orbax commit metadata", "") for s in self._uncommitted_step_dirs()]
+        failed = [(s, "incomplete: no orbax commit metadata", "")
+                  for s in uncommitted_step_dirs(self.directory, self.steps())]
         for step in reversed(self.steps()):
             out, error, details = self._try_restore(step, abstract_params, abstract_opt_state)
             if error is not None:
@@ -214,14 +193,6 @@ class Checkpointer:
             f"no checkpoint in {self.directory} restores ({listing}). Nothing was deleted. "
             "If the model config changed, use the original one; to start over, use a new --workdir."
         )
-
-    def _uncommitted_step_dirs(self) -> list[int]:
-        """Step folders orbax does not list (e.g. their commit metadata was deleted)."""
-        if not os.path.isdir(self.directory):
-            return []
-        listed = set(self.steps())
-        return sorted(int(n) for n in os.listdir(self.directory)
-                      if n.isdigit() and int(n) not in listed and os.path.isdir(os.path.join(self.directory, n)))
 
     def _move_aside(self, step: int, report: str) -> str:
         if self.broken_dir is None:
@@ -263,6 +234,38 @@ class Checkpointer:
     def release_output(self) -> None:
         """Give file descriptor 2 and sys.stderr back (after a failed write they stay on the report)."""
         self._writer_output.stop(replay=False)
+
+
+def uncommitted_step_dirs(directory: str, listed) -> list[int]:
+    """Step folders in `directory` that orbax does not list (e.g. their commit metadata was deleted)."""
+    if not os.path.isdir(directory):
+        return []
+    return sorted(int(n) for n in os.listdir(directory)
+                  if n.isdigit() and int(n) not in set(listed) and os.path.isdir(os.path.join(directory, n)))
+
+
+def write_report(broken_dir: str | None, step, text: str) -> str | None:
+    """Write what the library printed to the broken-checkpoints folder, else (a full disk) to the temp folder."""
+    name = f"write_error_step_{step}" + (f"_process_{jax.process_index()}" if jax.process_count() > 1 else "")
+    if broken_dir is not None:
+        path = os.path.join(broken_dir, f"{name}.txt")
+        if os.path.exists(path):
+            path = os.path.join(broken_dir, f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.txt")
+        try:
+            os.makedirs(broken_dir, exist_ok=True)
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(text)
+            return path
+        except OSError:
+            pass
+    try:
+        fd, path = tempfile.mkstemp(prefix=f"gptjax-checkpoint-{name}-", suffix=".txt")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        return path
+    except OSError:
+        return None
+
 
 
 def _val_loss(metrics) -> float:

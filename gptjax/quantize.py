@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gptjax.config import QUANTIZE_SCHEMES, require_choice
+from gptjax.errors import UserError
 
 
 def quantize_int8(w, axis: int):

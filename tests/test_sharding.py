@@ -112,13 +112,13 @@ def tiny_attention():
     cfg = config_lib.base_config().model
     cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size, cfg.vocab_size = 1, 4, 32, 8, 10
     x = jax.random.normal(jax.random.key(1), (2, 8, 32))
-    return model_lib.CausalSelfAttention(cfg, rngs=nnx.Rngs(0)), x
+    return model_lib.CausalSelfAttention(model_lib.ModelConfig.of(cfg), rngs=nnx.Rngs(0)), x
 
 
 def test_qkv_columns_are_head_major_so_tensor_shards_hold_whole_heads():
     """Columns [h*3*hd, (h+1)*3*hd) of the fused kernel are q, k and v of head h alone."""
     attn, x = tiny_attention()
-    hd = attn.head_dim
+    hd = 32 // attn.n_head
     attn.proj.kernel.value = attn.proj.kernel.value.at[hd:].set(0.0)  # only head 0 reaches the output
     base, _ = attn(x)
     for head, changes in ((1, False), (0, True)):

@@ -34,8 +34,8 @@ def test_an_unreached_target_says_so_and_reports_where_the_run_ended(text_file, 
 
 
 def test_losses_are_the_trainers(text_file, tmp_path):
-    from gptjax.metrics import read_metrics
-    from gptjax.train import Run
+    from gptjax.logs import read_metrics
+    from gptjax.trainer import build as Run
 
     cfg = small_config(text_file, tmp_path / "run", **{"train.steps": 20, "train.optimizer": "muon"})
     Run(cfg, cfg.workdir, quiet=True).train()
