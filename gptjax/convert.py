@@ -31,10 +31,12 @@ from gptjax.errors import UserError, exit_with
 from gptjax.steps import make_optimizer
 from gptjax.workdir import Workdir, write_config
 
-_FROM_HF = flags.DEFINE_string("from_hf", None, "Import: a Hugging Face GPT-2 checkpoint folder or hub name.")
-_TO_HF = flags.DEFINE_string("to_hf", None, "Export: the folder to write for transformers.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "The gptjax workdir to write (--from_hf) or read (--to_hf).")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "--to_hf: replace what OUT holds.")
+def define_flags() -> None:
+    """The command line's flags (defined when it runs: importing this module defines none)."""
+    flags.DEFINE_string("from_hf", None, "Import: a Hugging Face GPT-2 checkpoint folder or hub name.")
+    flags.DEFINE_string("to_hf", None, "Export: the folder to write for transformers.")
+    flags.DEFINE_string("workdir", None, "The gptjax workdir to write (--from_hf) or read (--to_hf).")
+    flags.DEFINE_bool("overwrite", False, "--to_hf: replace what OUT holds.")
 
 
 def _fresh_folder(path: str) -> str:
@@ -153,25 +155,27 @@ def export_hf(workdir: str, out: str, overwrite: bool = False, log=print) -> Non
 # ----------------------------------------------------------------------------- command line
 
 def main(argv):
+    FLAGS = flags.FLAGS
     logging.set_verbosity(logging.ERROR)  # orbax logs every save and read
     try:
         if len(argv) > 1:
             raise UserError(f"unexpected arguments {argv[1:]}; flags go as --name=value.")
-        if (_FROM_HF.value is None) == (_TO_HF.value is None):
+        if (FLAGS.from_hf is None) == (FLAGS.to_hf is None):
             raise UserError("give exactly one of --from_hf PATH_OR_NAME (import) or --to_hf OUT (export).")
-        if not _WORKDIR.value:
+        if not FLAGS.workdir:
             raise UserError("--workdir is required: the gptjax workdir to write (--from_hf) or read (--to_hf).")
-        if _FROM_HF.value is not None:
-            if _OVERWRITE.value:
+        if FLAGS.from_hf is not None:
+            if FLAGS.overwrite:
                 raise UserError("--overwrite applies to --to_hf only; an import never replaces a workdir.")
-            import_hf(_FROM_HF.value, _WORKDIR.value)
+            import_hf(FLAGS.from_hf, FLAGS.workdir)
         else:
-            export_hf(_WORKDIR.value, _TO_HF.value, _OVERWRITE.value)
+            export_hf(FLAGS.workdir, FLAGS.to_hf, FLAGS.overwrite)
     except UserError as e:
         exit_with(e)
 
 
 def run_main():
+    define_flags()
     app.run(main, flags_parser=lambda argv: config_lib.parse_flags_or_exit(argv, flags.FLAGS))
 
 

@@ -13,6 +13,7 @@ import pytest
 
 from conftest import ROOT, SAMPLE_TEXT, small_config
 from gptjax import data as data_lib
+from gptjax import library_output
 from gptjax import checkpoint as checkpoint_lib
 from gptjax import faults
 from gptjax.checkpoint import Checkpointer, abstract_like
@@ -187,7 +188,7 @@ def test_a_failed_checkpoint_write_stops_with_a_clear_message_and_keeps_the_prev
     assert "previous checkpoint (step 6) is intact" in msg
     assert f"report is in {os.path.join(workdir, 'broken_checkpoints', 'write_error_step_8.txt')}" in msg
     run.ckpt.release_output()
-    assert not isinstance(sys.stderr, checkpoint_lib._StderrByThread)  # the console's stderr is back
+    assert not isinstance(sys.stderr, library_output._StderrByThread)  # the console's stderr is back
     assert checkpointer(workdir).steps()[-1] == 6
     assert load_params(workdir)[-1] == 6
 

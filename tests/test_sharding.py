@@ -222,8 +222,8 @@ def test_checkpoint_from_8_devices_restores_on_1_and_on_4(text_path, tmp_path):
     run8 = make_run(text_path, workdir, (2, 2, 2))
     save_after(run8, 3)
     params8 = jax.device_get(run8.state["params"])
-    x = jnp.asarray(data_lib.get_batch(run8.train_ids, 16, 8, 0, 0)[0])
-    logits8 = np.asarray(logits_of(run8, run8.state["params"], sharding.to_global(np.asarray(x), run8.mesh)))
+    x = jnp.asarray(data_lib.get_batch(run8.data.train_ids, 16, 8, 0, 0)[0])
+    logits8 = np.asarray(logits_of(run8, run8.state["params"], sharding.to_global(np.asarray(x), run8.setup.mesh)))
 
     # Sampling restores onto one device.
     loaded = load_run(str(workdir))
@@ -249,14 +249,14 @@ def test_checkpoint_from_1_device_restores_on_8(text_path, tmp_path):
     run1 = make_run(text_path, workdir, (1, 1, 1))
     save_after(run1, 3)
     params1 = jax.device_get(run1.state["params"])
-    x = np.asarray(data_lib.get_batch(run1.train_ids, 16, 8, 0, 0)[0])
+    x = np.asarray(data_lib.get_batch(run1.data.train_ids, 16, 8, 0, 0)[0])
     logits1 = np.asarray(logits_of(run1, run1.state["params"], jnp.asarray(x)))
 
     run8 = make_run(text_path, workdir, (2, 2, 2))
     assert run8.resumed_from == 3
     assert shard_shapes(leaf(run8.state["params"], FC)) == {(16, 64)}
     jax.tree.map(np.testing.assert_array_equal, params1, jax.device_get(run8.state["params"]))
-    logits8 = np.asarray(logits_of(run8, run8.state["params"], sharding.to_global(x, run8.mesh)))
+    logits8 = np.asarray(logits_of(run8, run8.state["params"], sharding.to_global(x, run8.setup.mesh)))
     np.testing.assert_allclose(logits8, logits1, atol=1e-5)
 
 
