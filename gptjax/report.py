@@ -92,7 +92,7 @@ class Reporter:
         self.say(f"  loss curve   {shown(self.wd.loss_png)}")
         if self.cfg.log.tensorboard:
             self.say(f"  tensorboard  tensorboard --logdir {shown(self.wd.tensorboard)}")
-        if self.cfg.train.sample_every:
+        if self.cfg.train.sample_every and os.path.exists(self.wd.samples):
             self.say(f"  samples      {shown(self.wd.samples)}")
 
     def close(self) -> None:

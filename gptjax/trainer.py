@@ -132,7 +132,7 @@ class Trainer:
         self._announce()
         if self.start >= t.steps:
             self.report.say(f"nothing to do: already at step {self.start} of train.steps={t.steps}")
-            self._close()
+            self.close()
             return {"step": self.start}
         self.report.console.start(self.start, t.steps, t.log_every)
         last = self._evaluate(0) if self.start == 0 else {}
@@ -156,7 +156,7 @@ class Trainer:
                 self._check_stop(done, val_loss)
             step, n = done, n_next
         self.nonfinite.check()
-        self._close()
+        self.close()
         wall = time.perf_counter() - t0
         self.report.finish(done - self.start, wall)
         return {"step": done, "wall_s": wall, **last}
@@ -220,21 +220,22 @@ class Trainer:
         except CheckpointWriteError as e:
             raise faults.TrainingStopped(str(e), faults.EXIT_CHECKPOINT_WRITE) from None
 
-    def _close(self) -> None:
+    def close(self) -> None:
         """Wait for async checkpoint writes (a failed one stops the run with a clear message); close the reports."""
         try:
             self.ckpt.close()
         except CheckpointWriteError as e:
             raise faults.TrainingStopped(str(e), faults.EXIT_CHECKPOINT_WRITE) from None
+        finally:
+            if self.lock is not None:
+                self.lock.release()  # the workdir is free again, however the run ends
         self.report.plot()
         self.report.close()
-        if self.lock is not None:
-            self.lock.release()
 
     def _stopped_early(self, err: faults.TrainingStopped) -> faults.TrainingStopped:
         """Finish what was saved and name the checkpoint a rerun resumes from."""
         try:
-            self._close()
+            self.close()
         except faults.TrainingStopped as write_err:
             return write_err
         kept = self.ckpt.latest_step()
@@ -248,7 +249,7 @@ class Trainer:
             return
         if self.ckpt.latest_step() != done:
             self.save(done, val_loss, force=True)
-        self._close()
+        self.close()
         raise faults.TrainingStopped(
             f"stopped by {reason} after step {done}; checkpoint saved at step {done} in {self.ckpt.directory}. "
             "Rerun the same command to resume.", faults.EXIT_PREEMPTED)

@@ -211,7 +211,7 @@ def text_path(tmp_path_factory):
 def save_after(run, steps):
     train_steps(run, steps)
     run.save(steps, force=True)
-    run.ckpt.close()
+    run.close()  # the checkpoint on disk, the workdir unlocked
 
 
 @eight_devices

@@ -125,7 +125,7 @@ def test_muon_state_is_laid_out_like_the_parameters():
 
 @outer
 def test_a_muon_run_stopped_and_resumed_continues_bitwise(text_file, tmp_path):
-    from gptjax.train import Run
+    from gptjax.trainer import build as Run
 
     def cfg(workdir):
         return small_config(text_file, workdir, **{"train.optimizer": "muon", "train.steps": 12,
