@@ -28,7 +28,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocp_policies
 
 from gptjax.errors import UserError
-from gptjax.library_output import LibraryOutput, captured_stderr
+from gptjax.captured_output import LibraryOutput, captured_stderr
 
 
 class CheckpointWriteError(Exception):

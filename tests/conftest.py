@@ -1,5 +1,8 @@
+import glob
+import hashlib
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -94,3 +97,35 @@ def trained_workdir(tmp_path_factory):
     cfg.train.steps = 60
     Run(cfg, cfg.workdir, quiet=True).train()
     return cfg.workdir
+
+
+def tree_snapshot(path) -> dict:
+    """Every file under `path` with its content hash: to prove nothing changed."""
+    out = {}
+    for f in sorted(glob.glob(os.path.join(path, "**"), recursive=True)):
+        if os.path.isfile(f):
+            with open(f, "rb") as fh:
+                out[os.path.relpath(f, path)] = hashlib.sha256(fh.read()).hexdigest()
+        else:
+            out[os.path.relpath(f, path)] = "dir"
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One tiny run, trained in-process to step 6 with checkpoints at 2, 4 and 6: (trainer, text, workdir)."""
+    from gptjax.trainer import build
+
+    base = tmp_path_factory.mktemp("trained")
+    text = base / "corpus.txt"
+    text.write_text(SAMPLE_TEXT, encoding="utf-8")
+    cfg = small_config(str(text), base / "run", **{"train.steps": 6, "train.checkpoint_every": 2,
+                                                   "train.eval_every": 2, "train.log_every": 1})
+    run = build(cfg, cfg.workdir, quiet=True)
+    run.train()
+    return run, str(text), str(base / "run")
+
+
+def copy_run(src, dest) -> str:
+    shutil.copytree(src, dest)
+    return str(dest)

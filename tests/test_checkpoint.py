@@ -11,9 +11,9 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import ROOT, SAMPLE_TEXT, small_config
+from conftest import ROOT, SAMPLE_TEXT, small_config, tree_snapshot, copy_run
 from gptjax import data as data_lib
-from gptjax import library_output
+from gptjax import captured_output
 from gptjax import checkpoint as checkpoint_lib
 from gptjax import faults
 from gptjax.checkpoint import Checkpointer, abstract_like
@@ -45,36 +45,6 @@ def assert_same_params(a, b):
 
 def train_losses(workdir) -> dict:
     return {r["step"]: r["train_loss"] for r in read_metrics(os.path.join(workdir, "metrics.jsonl")) if "lr" in r}
-
-
-def tree_snapshot(path) -> dict:
-    """Every file under `path` with its content hash: to prove nothing changed."""
-    out = {}
-    for f in sorted(glob.glob(os.path.join(path, "**"), recursive=True)):
-        if os.path.isfile(f):
-            with open(f, "rb") as fh:
-                out[os.path.relpath(f, path)] = hashlib.sha256(fh.read()).hexdigest()
-        else:
-            out[os.path.relpath(f, path)] = "dir"
-    return out
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """One tiny run, trained in-process to step 6 with checkpoints at 2, 4 and 6."""
-    base = tmp_path_factory.mktemp("trained")
-    text = base / "corpus.txt"
-    text.write_text(SAMPLE_TEXT, encoding="utf-8")
-    cfg = small_config(str(text), base / "run", **{"train.steps": 6, "train.checkpoint_every": 2,
-                                                   "train.eval_every": 2, "train.log_every": 1})
-    run = Run(cfg, cfg.workdir, quiet=True)
-    run.train()
-    return run, str(text), str(base / "run")
-
-
-def copy_run(src, dest) -> str:
-    shutil.copytree(src, dest)
-    return str(dest)
 
 
 # ----------------------------------------------------------------------------- save, restore, keep
@@ -188,7 +158,7 @@ def test_a_failed_checkpoint_write_stops_with_a_clear_message_and_keeps_the_prev
     assert "previous checkpoint (step 6) is intact" in msg
     assert f"report is in {os.path.join(workdir, 'broken_checkpoints', 'write_error_step_8.txt')}" in msg
     run.ckpt.release_output()
-    assert not isinstance(sys.stderr, library_output._StderrByThread)  # the console's stderr is back
+    assert not isinstance(sys.stderr, captured_output._StderrByThread)  # the console's stderr is back
     assert checkpointer(workdir).steps()[-1] == 6
     assert load_params(workdir)[-1] == 6
 

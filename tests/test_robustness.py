@@ -18,7 +18,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import ROOT, small_config
+from conftest import ROOT, small_config, tree_snapshot, copy_run
 from gptjax import data as data_lib
 from gptjax import faults, sharding
 from gptjax.checkpoint import Checkpointer, abstract_like
@@ -95,38 +95,6 @@ def load_run(workdir):
 
 def assert_same_params(a, b):
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(a), jax.device_get(b))
-
-
-def tree_snapshot(path) -> dict:
-    """Every file under `path` with its size and content hash: to prove nothing changed."""
-    out = {}
-    for f in sorted(glob.glob(os.path.join(path, "**"), recursive=True)):
-        if os.path.isfile(f):
-            with open(f, "rb") as fh:
-                out[os.path.relpath(f, path)] = hashlib.sha256(fh.read()).hexdigest()
-        else:
-            out[os.path.relpath(f, path)] = "dir"
-    return out
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """One tiny run, trained in-process to step 6 with checkpoints at 2, 4 and 6."""
-    base = tmp_path_factory.mktemp("trained")
-    from conftest import SAMPLE_TEXT
-
-    text = base / "corpus.txt"
-    text.write_text(SAMPLE_TEXT, encoding="utf-8")
-    cfg = small_config(str(text), base / "run", **{"train.steps": 6, "train.checkpoint_every": 2,
-                                                   "train.eval_every": 2, "train.log_every": 1})
-    run = Run(cfg, cfg.workdir, quiet=True)
-    run.train()
-    return run, str(text), str(base / "run")
-
-
-def copy_run(src, dest) -> str:
-    shutil.copytree(src, dest)
-    return str(dest)
 
 
 # ----------------------------------------------------------------------------- 1. kill -9, restart, same result
