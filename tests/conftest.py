@@ -129,3 +129,38 @@ def trained(tmp_path_factory):
 def copy_run(src, dest) -> str:
     shutil.copytree(src, dest)
     return str(dest)
+
+
+def load_params(workdir):
+    """(params, step) of the newest checkpoint in `workdir`, as saved (no model needed)."""
+    import orbax.checkpoint as ocp
+
+    from gptjax.checkpoint import Checkpointer
+    from gptjax.workdir import Workdir
+
+    ckpt = Checkpointer(Workdir(str(workdir)).checkpoints, create=False, async_save=False)
+    step = ckpt.latest_step()
+    params = ckpt.manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore()))["params"]
+    ckpt.close()
+    return params, step
+
+
+def assert_same_params(a, b):
+    import jax
+    import numpy as np
+
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(a), jax.device_get(b))
+
+
+def tiny_model(**overrides):
+    """(model section, GPT) of a 2-layer, 2-head, 32-wide model with a 34-token vocabulary."""
+    from flax import nnx
+
+    from gptjax import config as config_lib
+    from gptjax import model as model_lib
+
+    cfg = config_lib.base_config().model
+    cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size, cfg.vocab_size = 2, 2, 32, 16, 34
+    for k, v in overrides.items():
+        cfg[k] = v
+    return cfg, model_lib.GPT(cfg, rngs=nnx.Rngs(0))

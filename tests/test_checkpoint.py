@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import ROOT, SAMPLE_TEXT, small_config, tree_snapshot, copy_run
+from conftest import ROOT, SAMPLE_TEXT, small_config, tree_snapshot, copy_run, load_params, assert_same_params
 from gptjax import data as data_lib
 from gptjax import captured_output
 from gptjax import checkpoint as checkpoint_lib
@@ -26,21 +26,6 @@ from gptjax.workdir import Workdir
 def checkpointer(workdir, **kw) -> Checkpointer:
     wd = Workdir(str(workdir))
     return Checkpointer(wd.checkpoints, broken_dir=wd.broken, **kw)
-
-
-def load_params(workdir):
-    """(params, step) of the newest checkpoint, as saved (no model needed)."""
-    import orbax.checkpoint as ocp
-
-    ckpt = Checkpointer(Workdir(str(workdir)).checkpoints, create=False, async_save=False)
-    step = ckpt.latest_step()
-    params = ckpt.manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore()))["params"]
-    ckpt.close()
-    return params, step
-
-
-def assert_same_params(a, b):
-    jax.tree.map(np.testing.assert_array_equal, jax.device_get(a), jax.device_get(b))
 
 
 def train_losses(workdir) -> dict:

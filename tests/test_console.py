@@ -6,18 +6,11 @@ import jax
 import pytest
 from flax import nnx
 
+from conftest import tiny_model
 from gptjax import config as config_lib
 from gptjax import console as console_lib
 from gptjax import model as model_lib
 from gptjax import params as params_lib
-
-
-def tiny_model(**overrides):
-    cfg = config_lib.base_config().model
-    cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size, cfg.vocab_size = 2, 2, 32, 16, 34
-    for k, v in overrides.items():
-        cfg[k] = v
-    return cfg, model_lib.GPT(cfg, rngs=nnx.Rngs(0))
 
 
 def table_value(lines, label):

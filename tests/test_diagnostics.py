@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from conftest import tiny_model
 from gptjax import config as config_lib
 from gptjax import diagnostics as diag_lib
 from gptjax import model as model_lib
@@ -66,14 +67,6 @@ def test_training_forward_sows_nothing():
     cfg, model = _random_model()
     model(jnp.zeros((1, cfg.block_size), jnp.int32))
     assert not nnx.state(model, nnx.Intermediate)
-def tiny_model(**overrides):
-    cfg = config_lib.base_config().model
-    cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size, cfg.vocab_size = 2, 2, 32, 16, 34
-    for k, v in overrides.items():
-        cfg[k] = v
-    return cfg, model_lib.GPT(cfg, rngs=nnx.Rngs(0))
-
-
 def test_dead_unit_fraction_on_a_constructed_layer():
     cfg, model = tiny_model(activation="relu", bias=True)
     F = 4 * cfg.n_embd

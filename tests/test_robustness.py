@@ -18,7 +18,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import ROOT, small_config, tree_snapshot, copy_run
+from conftest import ROOT, small_config, tree_snapshot, copy_run, load_params, assert_same_params
 from gptjax import data as data_lib
 from gptjax import faults, sharding
 from gptjax.checkpoint import Checkpointer, abstract_like
@@ -82,21 +82,6 @@ def eval_losses(workdir) -> dict:
             if "val_loss" in r}
 
 
-def load_run(workdir):
-    """(params, step) of the newest checkpoint, as saved (no model needed)."""
-    import orbax.checkpoint as ocp
-
-    ckpt = Checkpointer(Workdir(str(workdir)).checkpoints, create=False, async_save=False)
-    step = ckpt.latest_step()
-    params = ckpt.manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore()))["params"]
-    ckpt.close()
-    return params, step
-
-
-def assert_same_params(a, b):
-    jax.tree.map(np.testing.assert_array_equal, jax.device_get(a), jax.device_get(b))
-
-
 # ----------------------------------------------------------------------------- 1. kill -9, restart, same result
 
 @pytest.mark.slow
@@ -143,8 +128,8 @@ def test_sigkill_at_random_moments_then_restart_gives_the_uninterrupted_result(t
     assert sorted(a) == sorted(b) == list(range(1, 25))  # every step once: no gaps, no duplicates
     assert [a[s] for s in sorted(a)] == [b[s] for s in sorted(b)]  # bitwise-equal losses
     assert eval_losses(tmp_path / "whole") == eval_losses(workdir)
-    params_ref, step_ref = load_run(tmp_path / "whole")
-    params, step = load_run(workdir)
+    params_ref, step_ref = load_params(tmp_path / "whole")
+    params, step = load_params(workdir)
     assert step == step_ref == 24
     assert_same_params(params_ref, params)
 
@@ -167,7 +152,7 @@ def test_sigterm_mid_run_saves_at_that_step_and_exits_with_the_preempted_status(
     assert 5 <= step < 5000 and int(stopped.group(2)) == step
     assert os.listdir(os.path.join(workdir, "checkpoints")) == [str(step)]  # no periodic save was due
     assert last_logged_step(workdir) == step  # it finished the step it was in, then stopped
-    assert load_run(workdir)[-1] == step
+    assert load_params(workdir)[-1] == step
 
 
 @pytest.mark.slow
@@ -214,11 +199,11 @@ def test_sampling_uses_the_newest_checkpoint_that_restores_and_changes_nothing(t
     err = capsys.readouterr().err
     assert loaded.step == 4
     assert "checkpoint at step 6 does not restore" in err and "using step 4" in err and "Traceback" not in err
-    four = sample.load_run(src, step=4)  # the undamaged run's step 4: the same weights
+    four = sample.load_params(src, step=4)  # the undamaged run's step 4: the same weights
     assert_same_params(loaded.params, four.params)
     assert tree_snapshot(workdir) == before  # a reader never moves or deletes anything
     with pytest.raises(UserError, match=r"checkpoint at step 6 .* does not restore .*try --step 4"):
-        sample.load_run(workdir, step=6)
+        sample.load_params(workdir, step=6)
     assert tree_snapshot(workdir) == before
 
 
