@@ -199,11 +199,11 @@ def test_sampling_uses_the_newest_checkpoint_that_restores_and_changes_nothing(t
     err = capsys.readouterr().err
     assert loaded.step == 4
     assert "checkpoint at step 6 does not restore" in err and "using step 4" in err and "Traceback" not in err
-    four = sample.load_params(src, step=4)  # the undamaged run's step 4: the same weights
+    four = sample.load_run(src, step=4)  # the undamaged run's step 4: the same weights
     assert_same_params(loaded.params, four.params)
     assert tree_snapshot(workdir) == before  # a reader never moves or deletes anything
     with pytest.raises(UserError, match=r"checkpoint at step 6 .* does not restore .*try --step 4"):
-        sample.load_params(workdir, step=6)
+        sample.load_run(workdir, step=6)
     assert tree_snapshot(workdir) == before
 
 
