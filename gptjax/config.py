@@ -59,6 +59,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.matmul = "auto"  # auto | xla | tokens (Dense backward as [tokens, features] matmuls; auto: tokens on CPU)
     c.model.remat = False
     c.model.scan_layers = False  # blocks under one nnx scan: compile time flat in depth (docs/scan_layers.md)
+    c.model.scan_unroll = 1  # scan_layers: blocks per scan iteration (1: one compiled block)
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 2000
@@ -74,6 +75,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.optimizer = "adamw"  # adamw | muon (Muon on the blocks' matrices, AdamW on the rest)
     c.train.muon_lr = 0.02  # optimizer=muon: peak learning rate of the Muon matrices (same schedule shape)
     c.train.muon_beta = 0.95  # optimizer=muon: Muon's momentum
+    c.train.muon_ns_steps = 5  # optimizer=muon: Newton-Schulz iterations per update (each ~3 matmuls per matrix)
     c.train.eval_every = 250
     c.train.eval_steps = 20
     c.train.log_every = 10
@@ -129,7 +131,11 @@ def apply_modern(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     m = c.model
     m.position, m.norm, m.activation, m.qk_norm = "rope", "rmsnorm", "relu2", True
     m.logit_softcap, m.zero_init_proj, m.tie_embeddings = 30.0, True, False
-    c.train.optimizer = "muon"
+    t = c.train
+    t.optimizer, t.muon_lr, t.muon_ns_steps = "muon", 0.01, 3
+    # Muon needs no long warm-up, and the AdamW part (embeddings, head, norms)
+    # trains best at a higher rate beside it.
+    t.warmup_steps, t.lr, t.min_lr = 20, 6e-3, 6e-4
     return c
 
 
@@ -174,10 +180,12 @@ def validate(c: ml_collections.ConfigDict) -> None:
     require_choice("train.optimizer", t.optimizer, OPTIMIZERS)
     _require(t.muon_lr > 0, f"train.muon_lr must be positive, got {t.muon_lr}.")
     _require(0 <= t.muon_beta < 1, f"train.muon_beta must be in [0, 1), got {t.muon_beta}.")
+    _require(t.muon_ns_steps >= 1, f"train.muon_ns_steps must be a positive integer, got {t.muon_ns_steps}.")
     for key in ("dtype", "param_dtype"):
         require_choice(f"model.{key}", m[key], DTYPES)
     require_choice("model.attention", m.attention, ATTENTION_IMPLS)
     require_choice("model.matmul", m.matmul, MATMUL_IMPLS)
+    _require(m.scan_unroll >= 1, f"model.scan_unroll must be a positive integer, got {m.scan_unroll}.")
     for key in ("steps", "batch_size", "eval_every", "eval_steps", "log_every", "checkpoint_every",
                 "grad_accum", "steps_per_call"):
         _require(t[key] >= 1, f"train.{key} must be a positive integer, got {t[key]}.")
@@ -219,6 +227,7 @@ FREE_KEYS = {
     "workdir", "train.steps_per_call", "train.grad_accum", "train.log_every", "train.checkpoint_every",
     "train.keep_checkpoints", "train.max_bad_steps", "train.allow_config_change",
     "model.attention", "model.remat", "model.matmul", "model.scan_layers",
+    "model.scan_unroll",
 }
 FREE_SECTIONS = ("mesh.",)  # arrays are resharded on restore
 # Keys that may change with --config.train.allow_config_change=True: the rest of the
@@ -348,7 +357,7 @@ def parse_flags_or_exit(argv: list[str], flag_values) -> list[str]:
 
     try:
         return flag_values(argv)
-    except SystemExit as e:  # absl's --help / --helpfull print the flags, then exit 1: asking for help is no error
+    except SystemExit:  # absl's --help / --helpfull print the flags, then exit 1: asking for help is no error
         if any(a in ("--help", "-h", "--helpfull", "-?", "--helpshort") for a in argv[1:]):
             sys.exit(0)
         raise

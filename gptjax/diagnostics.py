@@ -23,7 +23,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from gptjax import model as model_lib
 from gptjax import params as params_lib
 from gptjax import steps
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 
 import jax
@@ -27,7 +26,7 @@ from gptjax.errors import UserError, exit_with
 from gptjax import steps as steps_lib
 from gptjax.steps import make_eval_sum_step
 from gptjax import workdir as workdir_lib
-from gptjax.workdir import Workdir, load_run
+from gptjax.workdir import load_run
 
 
 # ----------------------------------------------------------------------------- loss -> perplexity, bits per byte

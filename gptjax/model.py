@@ -65,6 +65,7 @@ class ModelConfig:
     matmul: str = "auto"  # kernels.resolve_matmul
     remat: bool = False
     scan_layers: bool = False  # blocks as one stacked Block run under a scan (see GPT)
+    scan_unroll: int = 1  # scan_layers: blocks per scan iteration (the compiled body holds this many)
     position: str = "learned"  # learned (a wpe table) | rope (rotary q/k, no wpe)
     rope_base: float = 10000.0
     norm: str = "layernorm"  # layernorm | rmsnorm
@@ -343,7 +344,7 @@ class GPT(nnx.Module):
             x, cache_i = block(x, cache=cache_i, pos=pos, dropout_key=key_i)
             return x, (cache_i, None)
 
-        x, (new_cache, sown) = jax.lax.scan(body, x, (state, cache, keys))
+        x, (new_cache, sown) = jax.lax.scan(body, x, (state, cache, keys), unroll=self.cfg.scan_unroll)
         if record:
             for path, values in traverse_util.flatten_dict(sown).items():
                 functools.reduce(getattr, path[:-1], self.blocks).sow(nnx.Intermediate, path[-1], values[0])

@@ -106,7 +106,6 @@ def memory_plan(cfg, platform: str = "tpu", devices=None) -> dict:
     """Compile the train step of `cfg` on the CPU devices and report XLA's per-device memory analysis."""
     import time
 
-    from gptjax import model as model_lib
     from gptjax import params as params_lib
     from gptjax import sharding, steps
 

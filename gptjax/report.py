@@ -12,7 +12,6 @@ import jax
 from gptjax import console as console_lib
 from gptjax import history as history_lib
 from gptjax import logs as logs_lib
-from gptjax import model as model_lib
 from gptjax import params as params_lib
 from gptjax import plot as plot_lib
 from gptjax import sharding

@@ -80,7 +80,8 @@ def data_file(*parts: str) -> str | None:
 
 
 def compilation_cache_dir() -> str:
-    return os.path.join(cache_dir(), "jax")
+    """$JAX_COMPILATION_CACHE_DIR when the user set it (JAX's own setting wins), else gptjax's cache/jax."""
+    return os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(cache_dir(), "jax")
 
 
 def enable_compilation_cache(path: str | None = None) -> str:

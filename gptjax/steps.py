@@ -55,8 +55,8 @@ def make_optimizer(t):
     applies to matrices (Dense kernels, token and position embeddings), as in
     nanoGPT; never to biases or norm scales.
 
-    muon: `optax.contrib.muon` (momentum train.muon_beta, Nesterov, 5
-    Newton-Schulz steps) on the blocks' Dense kernels at peak train.muon_lr,
+    muon: `optax.contrib.muon` (momentum train.muon_beta, Nesterov,
+    train.muon_ns_steps Newton-Schulz steps) on the blocks' Dense kernels at peak train.muon_lr,
     and the AdamW above on everything else (embeddings, the head, norms,
     biases) at train.lr; both follow the same warm-up + cosine shape, each
     from its own peak. Under FSDP or tensor sharding the Muon momentum is laid
@@ -75,7 +75,7 @@ def make_optimizer(t):
         dims = lambda params: jax.tree.map(
             lambda p: optax.contrib.MuonDimensionNumbers(p.ndim - 2, p.ndim - 1), params)
         muon = optax.contrib.muon(_schedule(t, t.muon_lr), beta=t.muon_beta, weight_decay=t.weight_decay,
-                                  muon_weight_dimension_numbers=dims)
+                                  ns_steps=t.muon_ns_steps, muon_weight_dimension_numbers=dims)
         labels = lambda params: jax.tree_util.tree_map_with_path(
             lambda path, _: "muon" if is_hidden_matrix(path) else "adamw", params)
         parts.append(optax.partition({"muon": muon, "adamw": adamw}, labels))

@@ -6,7 +6,6 @@ from the newest checkpoint in the workdir) and trains it (`Trainer.train`).
 
 from __future__ import annotations
 
-import os
 import sys
 
 from absl import app, flags, logging

@@ -27,7 +27,6 @@ from gptjax import console as console_lib
 from gptjax import logs as logs_lib
 from gptjax import sharding
 from gptjax import steps as steps_lib
-from gptjax import model as model_lib
 from gptjax import params as params_lib
 from gptjax import decode as decode_lib
 from gptjax import eval as eval_lib

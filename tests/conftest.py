@@ -16,6 +16,43 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # uses one temporary cache folder for the session.
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="gptjax-test-cache-")
 
+# Tests build many small programs of the same shapes: each is compiled once per
+# session (per worker process), in the test process and in every process it
+# starts, even those given a cache folder of their own. The test process runs
+# with the CPU settings of `gptjax.train` (runtime.configure).
+os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(os.environ["XDG_CACHE_HOME"], "jax-compiled")
+from gptjax import runtime  # noqa: E402
+
+runtime.configure()
+
+
+# ----------------------------------------------------------------------------- tests that need 8 devices
+# The CPU backend has 8 devices only when XLA_FLAGS asks for them before JAX
+# starts, so the tests marked `eight_devices` (in any file) run together in one
+# fresh pytest that test_sharding.py::test_eight_device_tests starts; in the
+# outer pytest they are skipped, and inside it everything else is.
+EIGHT_DEVICES = os.environ.get("GPTJAX_EIGHT_DEVICE_TESTS") == "1"
+
+
+def eight_devices(test):
+    """Marks a test that needs 8 devices (it runs inside test_eight_device_tests)."""
+    skip = pytest.mark.skipif(not EIGHT_DEVICES, reason="runs inside test_eight_device_tests")
+    return pytest.mark.eight_devices(skip(test))
+
+
+def outer(test):
+    """Marks an end-to-end test that starts processes of its own (slow; never inside the 8-device run)."""
+    return pytest.mark.slow(pytest.mark.skipif(EIGHT_DEVICES, reason="starts processes of its own")(test))
+
+
+def run_eight_device_tests():
+    """Every `eight_devices` test of the suite, in one pytest whose JAX has 8 CPU devices: CompletedProcess."""
+    env = dict(os.environ, GPTJAX_EIGHT_DEVICE_TESTS="1", JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-m", "eight_devices",
+         os.path.join(ROOT, "tests")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
+
 
 def load_config(name: str, size: str | None = None):
     """`configs/<name>.py`'s get_config(size), loaded by path (configs/ is not a package)."""

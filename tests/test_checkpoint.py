@@ -1,7 +1,6 @@
 """Checkpoints: save/restore, layout, retention, damaged checkpoints, failed writes (a full disk)."""
 
 import glob
-import hashlib
 import os
 import shutil
 import subprocess
@@ -11,10 +10,9 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import ROOT, SAMPLE_TEXT, small_config, tree_snapshot, copy_run, load_params, assert_same_params
+from conftest import ROOT, assert_same_params, copy_run, load_params, small_config, tree_snapshot
 from gptjax import data as data_lib
 from gptjax import captured_output
-from gptjax import checkpoint as checkpoint_lib
 from gptjax import faults
 from gptjax.checkpoint import Checkpointer, abstract_like
 from gptjax.errors import UserError

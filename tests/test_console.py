@@ -7,9 +7,7 @@ import pytest
 from flax import nnx
 
 from conftest import tiny_model
-from gptjax import config as config_lib
 from gptjax import console as console_lib
-from gptjax import model as model_lib
 from gptjax import params as params_lib
 
 

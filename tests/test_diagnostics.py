@@ -7,7 +7,6 @@ import pytest
 from flax import nnx
 
 from conftest import tiny_model
-from gptjax import config as config_lib
 from gptjax import diagnostics as diag_lib
 from gptjax import model as model_lib
 

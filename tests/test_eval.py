@@ -15,7 +15,6 @@ from gptjax import config as config_lib
 from gptjax import data as data_lib
 from gptjax import eval as eval_lib
 from gptjax import steps as steps_lib
-from gptjax.eval import bits_per_byte
 from gptjax import model as model_lib
 from gptjax.errors import UserError
 

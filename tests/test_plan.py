@@ -1,11 +1,9 @@
 """gptjax.plan: the sharded steps lower for TPU and CUDA, and the compiled memory plan adds up.
 
-Tests marked `eight_devices` need 8 CPU devices, which exist only when
-XLA_FLAGS is set before JAX starts: `test_eight_device_plan_tests` reruns this
-file in a fresh pytest with the flag set (inside it, the others are skipped).
+Tests marked `eight_devices` need 8 CPU devices: they run inside
+test_sharding.py::test_eight_device_tests (conftest.eight_devices).
 """
 
-import os
 import subprocess
 import sys
 
@@ -13,19 +11,10 @@ import jax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from conftest import ROOT
+from conftest import ROOT, eight_devices, outer
 from gptjax import config as config_lib
 from gptjax import plan, sharding
 from gptjax.errors import UserError
-
-INNER = os.environ.get("GPTJAX_EIGHT_DEVICE_PLAN_TESTS") == "1"
-eight_devices = pytest.mark.skipif(not INNER, reason="runs inside test_eight_device_plan_tests")
-
-
-def outer(test):
-    """Runs only in the outer pytest (it starts processes of its own); an end-to-end test."""
-    return pytest.mark.slow(pytest.mark.skipif(INNER, reason="launches a process of its own")(test))
-
 
 MESHES = {"data8": (8, 1, 1), "fsdp8": (1, 8, 1), "data2_fsdp2_tensor2": (2, 2, 2)}
 
@@ -142,17 +131,6 @@ def test_parse_mesh():
     assert plan.parse_mesh("data=2,fsdp=2,tensor=2") == {"data": 2, "fsdp": 2, "tensor": 2}
     with pytest.raises(UserError, match="--mesh takes AXIS=SIZE"):
         plan.parse_mesh("fsdp8")
-
-
-@outer
-def test_eight_device_plan_tests():
-    """Runs the `eight_devices` tests above in a process that JAX starts with 8 CPU devices."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", GPTJAX_EIGHT_DEVICE_PLAN_TESTS="1",
-               XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-                           os.path.abspath(__file__)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
-    assert " passed" in proc.stdout and "failed" not in proc.stdout, proc.stdout[-2000:]
 
 
 @outer

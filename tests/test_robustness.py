@@ -3,12 +3,10 @@ NaN losses, a changed config on resume, a failing disk. Each test states the fau
 and asserts what the program did about it."""
 
 import glob
-import hashlib
 import json
 import os
 import random
 import re
-import shutil
 import signal
 import subprocess
 import sys

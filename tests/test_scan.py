@@ -46,7 +46,8 @@ def test_same_seed_gives_the_unrolled_weights_stacked():
     assert not np.allclose(a["blocks"][0]["attn"]["qkv"]["kernel"], a["blocks"][1]["attn"]["qkv"]["kernel"])
 
 
-@pytest.mark.parametrize("kw", [{}, {"remat": True}, {"dropout": 0.3}, {"dropout": 0.3, "remat": True}])
+@pytest.mark.parametrize("kw", [{}, {"remat": True}, {"dropout": 0.3}, {"dropout": 0.3, "remat": True},
+                                {"scan_unroll": 2, "dropout": 0.3}])  # 2 blocks per iteration of 3 layers
 def test_scan_gives_the_unrolled_logits_losses_and_gradients(kw):
     per_layer, scanned, params = _pair(**kw)
     x, y = _tokens(0), _tokens(1)
@@ -57,6 +58,15 @@ def test_scan_gives_the_unrolled_logits_losses_and_gradients(kw):
     lb, gb = loss_grad(scanned, params_lib.stack_layers(params))
     np.testing.assert_allclose(lb, la, rtol=1e-6)
     jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, atol=1e-5), params_lib.unstack_layers(gb), ga)
+
+
+def test_scan_unroll_sets_the_blocks_per_iteration():
+    for unroll in (1, 2):
+        _, scanned, _ = _pair(scan_unroll=unroll)
+        graphdef, state = nnx.split(scanned)
+        jaxpr = jax.make_jaxpr(lambda s, x: nnx.merge(graphdef, s)(x))(state, _tokens(0))
+        scans = [e for e in jaxpr.eqns if e.primitive.name == "scan"]
+        assert [(e.params["length"], e.params["unroll"]) for e in scans] == [(3, unroll)]
 
 
 def test_scan_is_causal():

@@ -4,7 +4,11 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
+
+pytestmark = pytest.mark.slow  # each test starts the script in a process of its own
 
 FAKE_REFERENCE = '''
 import argparse, json

@@ -1,8 +1,8 @@
 """Sharded training: meshes, FSDP and tensor shards, multi-process runs, checkpoints across meshes.
 
 Tests marked `eight_devices` need 8 devices, which the CPU backend gives only
-when XLA_FLAGS is set before JAX starts: `test_eight_device_tests` reruns this
-file in a fresh pytest with the flag set (inside it, the others are skipped).
+when XLA_FLAGS is set before JAX starts: `test_eight_device_tests` runs every
+such test of the suite in one fresh pytest with the flag set (conftest).
 """
 
 import json
@@ -18,22 +18,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import ROOT, run_cli, small_config
+from conftest import ROOT, eight_devices, outer, run_cli, run_eight_device_tests, small_config
 from gptjax import data as data_lib
 from gptjax import model as model_lib
 from gptjax import sharding
 from gptjax.errors import UserError
 from gptjax.logs import read_metrics
 from gptjax.trainer import build as Run
-
-INNER = os.environ.get("GPTJAX_EIGHT_DEVICE_TESTS") == "1"
-eight_devices = pytest.mark.skipif(not INNER, reason="runs inside test_eight_device_tests")
-
-
-def outer(test):
-    """Runs only in the outer pytest (it starts processes of its own); an end-to-end test."""
-    return pytest.mark.slow(pytest.mark.skipif(INNER, reason="launches processes of its own")(test))
-
 
 MESHES = {  # name: (data, fsdp, tensor)
     "1": (1, 1, 1),
@@ -286,14 +277,11 @@ def _env(**extra):
 
 @outer
 def test_eight_device_tests():
-    """Runs the `eight_devices` tests above in a process that JAX starts with 8 CPU devices."""
-    env = _env(GPTJAX_EIGHT_DEVICE_TESTS="1", XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", os.path.abspath(__file__)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
-    )
+    """Runs every `eight_devices` test (this file's, test_steps' and test_plan's) with 8 CPU devices."""
+    proc = run_eight_device_tests()
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
-    assert " passed" in proc.stdout and "failed" not in proc.stdout, proc.stdout[-2000:]
+    assert " passed" in proc.stdout and "failed" not in proc.stdout and "skipped" not in proc.stdout, \
+        proc.stdout[-2000:]
 
 
 def _free_port():

@@ -18,6 +18,7 @@ def _leaves(tree):
     return [np.asarray(a, np.float32) for a in jax.tree.leaves(tree)]
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_trains_as_well_as_float32(text_file, tmp_path):
     # 300 steps of a 2-layer, 32-wide model: the same question as the tiny
     # config's (does bf16 compute with f32 master weights lose accuracy?) at a
@@ -100,6 +101,7 @@ def test_grad_accumulation_equals_one_full_batch_step(text_file, tmp_path):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_several_steps_per_call_equal_single_steps(text_file, tmp_path):
     # 23 steps, 5 per call: logs every 5 and evals every 10 must still land on
     # their steps, and the last 3 steps run one at a time.
@@ -140,6 +142,7 @@ def test_add_xla_flags_keeps_what_the_user_set(monkeypatch):
     assert os.environ["XLA_FLAGS"] == "--xla_cpu_experimental_ynn_fusion_type= --xla_foo=1"
 
 
+@pytest.mark.slow
 def test_bench_prints_one_json_line(text_file):
     res = run_cli("gptjax.bench", "--config", "configs/tiny.py", f"--config.data.path={text_file}",
                   "--config.model.n_layer=2", "--config.model.n_embd=32", "--config.model.block_size=16",
@@ -154,6 +157,7 @@ def test_bench_prints_one_json_line(text_file):
     assert out["mfu"] == pytest.approx(out["tflops"] / out["peak_tflops"], rel=0.01)
 
 
+@pytest.mark.slow
 def test_bench_rejects_bad_steps(text_file):
     res = run_cli("gptjax.bench", "--config", "configs/tiny.py", f"--config.data.path={text_file}", "--steps=0")
     assert res.returncode == 2 and res.stderr.startswith("error: ") and "Traceback" not in res.stderr

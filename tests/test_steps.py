@@ -1,32 +1,19 @@
 """steps.py: the optimizer switch (AdamW / Muon), train state, compiled steps.
 
-The 8-device Muon test needs 8 CPU devices, which JAX gives only when
-XLA_FLAGS is set before it starts: `test_muon_on_eight_devices` reruns this
-file in a fresh pytest with the flag set (inside it, the other tests skip).
+The 8-device Muon test runs inside test_sharding.py::test_eight_device_tests
+(conftest.eight_devices).
 """
 
-import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import ROOT, small_config
+from conftest import eight_devices, outer, small_config
 from gptjax import config as config_lib
 from gptjax import sharding
 from gptjax import steps
-
-INNER = os.environ.get("GPTJAX_EIGHT_DEVICE_TESTS") == "1"
-eight_devices = pytest.mark.skipif(not INNER, reason="runs inside test_muon_on_eight_devices")
-
-
-def outer(test):
-    """Runs only in the outer pytest (it starts processes of its own); an end-to-end test."""
-    return pytest.mark.slow(pytest.mark.skipif(INNER, reason="runs in the one-device process")(test))
-
 
 def step_config(**overrides):
     c = config_lib.base_config()
@@ -105,6 +92,19 @@ def test_muon_updates_the_blocks_matrices_and_adamw_the_rest():
     np.testing.assert_allclose(np.median(d_wte[d_wte > 0]), cfg.train.lr, rtol=0.3)
 
 
+def test_more_newton_schulz_steps_give_a_more_orthogonal_update():
+    spread = {}
+    for ns in (1, 5):
+        cfg = step_config(**{"train.optimizer": "muon", "train.warmup_steps": 0, "train.grad_clip": 0.0,
+                             "train.weight_decay": 0.0, "train.muon_ns_steps": ns})
+        _, state = losses_of(cfg, one_device_mesh(), n=1)
+        delta = np.asarray(state["params"]["blocks"][0]["attn"]["qkv"]["kernel"]
+                           - steps.init_params(cfg.model, cfg.train.seed)["blocks"][0]["attn"]["qkv"]["kernel"])
+        s = np.linalg.svd(delta, compute_uv=False)
+        spread[ns] = s[-2] / s[0]  # 1 for an orthogonal update (s[-1] ~ 0: see the test above)
+    assert spread[1] < 0.5 * spread[5] and spread[5] > 0.3, spread
+
+
 def test_the_default_optimizer_is_unchanged_adamw():
     cfg = step_config()
     tx, _ = steps.make_optimizer(cfg.train)
@@ -162,19 +162,6 @@ def test_muon_on_a_sharded_mesh_gives_the_one_device_losses(mesh):
         mu = [x for p, x in jax.tree_util.tree_leaves_with_path(state["opt_state"])
               if "mu" in jax.tree_util.keystr(p) and x.shape == kernel.shape]
         assert mu and all(x.sharding == kernel.sharding for x in mu)
-
-
-@outer
-def test_muon_on_eight_devices():
-    """Runs the `eight_devices` tests above in a process that JAX starts with 8 CPU devices."""
-    env = dict(os.environ, GPTJAX_EIGHT_DEVICE_TESTS="1", JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", os.path.abspath(__file__)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
-    )
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
-    assert " passed" in proc.stdout and "failed" not in proc.stdout, proc.stdout[-2000:]
 
 
 def test_switching_the_optimizer_on_resume_is_refused():

@@ -33,6 +33,7 @@ def test_an_unreached_target_says_so_and_reports_where_the_run_ended(text_file, 
     assert rec["eval_every"] == 5 and rec["final"]["step"] == 10
 
 
+@pytest.mark.slow
 def test_losses_are_the_trainers(text_file, tmp_path):
     from gptjax.logs import read_metrics
     from gptjax.trainer import build as Run

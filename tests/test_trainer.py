@@ -62,6 +62,8 @@ def test_metrics_written_after_the_last_checkpoint_are_dropped_on_resume(text_fi
         ({"train.batch_size": 0}, "train.batch_size must be a positive"),
         ({"model.activation": "swish"}, "model.activation"),
         ({"model.matmul": "fast"}, "model.matmul must be one of auto, xla, tokens"),
+        ({"train.muon_ns_steps": 0}, "train.muon_ns_steps must be a positive integer, got 0"),
+        ({"model.scan_unroll": 0}, "model.scan_unroll must be a positive integer, got 0"),
     ],
 )
 def test_bad_config_values_are_clear(text_file, tmp_path, overrides, match):
@@ -134,6 +136,8 @@ def test_text_runs_on_a_folder_and_on_jsonl_with_a_custom_field(tmp_path):
     assert any("val_bpb" in r and "val_ppl" in r for r in records)
     out = run_cli("gptjax.sample", f"--workdir={tmp_path / 'b'}", "--prompt=Tom", "--max_new_tokens=5", env=env)
     assert out.returncode == 0 and out.stdout.startswith("Tom"), out.stderr
+
+
 def test_a_prompt_the_tokenizer_cannot_encode_fails_before_training(text_file, tmp_path):
     from gptjax.errors import UserError
     from gptjax.trainer import build as Run
