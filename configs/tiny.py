@@ -6,9 +6,10 @@ over 20 batches, ten steps per compiled call, a sample every 500 steps. Trains i
 two-core CPU.
 
 Sizes: `gpt2` (default) as above; `modern` (`--config configs/tiny.py:modern`)
-the same shape with the modern recipe (`gptjax.config.apply_modern`: Muon,
-RoPE, RMSNorm, ReLU^2, QK-norm, logit soft-cap, zero-init projections, untied
-head), workdir runs/tiny-modern.
+the same shape with the modern recipe (`gptjax.config.apply_modern`: Muon
+with 3 Newton-Schulz steps, RoPE, RMSNorm, ReLU^2, QK-norm, logit soft-cap,
+zero-init projections, 20 warm-up steps, AdamW part at lr 6e-3) and an untied
+head, workdir runs/tiny-modern.
 """
 
 from gptjax.config import apply_modern, base_config, pick_size
@@ -39,4 +40,5 @@ def get_config(size=None):
     if size == "modern":
         c.workdir = "runs/tiny-modern"
         apply_modern(c)
+        c.model.tie_embeddings = False  # an untied head: +8,320 parameters, about what dropping wpe saves
     return c

@@ -125,12 +125,15 @@ def base_config() -> ml_collections.ConfigDict:
 def apply_modern(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """The modded-nanogpt recipe on top of a GPT-2 config, same shape (docs/modern.md has the measurements).
 
-    Rotary positions instead of the wpe table and an untied head keep the
-    parameter count within a few per cent; Muon trains the blocks' matrices.
+    Rotary positions (no wpe table), RMSNorm, ReLU^2, QK-norm, a logit
+    soft-cap and zero-initialised residual projections; Muon trains the
+    blocks' matrices. The head stays as the config has it: untying it adds
+    vocab x n_embd parameters (0.1% at 65 characters, 25% at a 2048-piece
+    vocabulary at width 128).
     """
     m = c.model
     m.position, m.norm, m.activation, m.qk_norm = "rope", "rmsnorm", "relu2", True
-    m.logit_softcap, m.zero_init_proj, m.tie_embeddings = 30.0, True, False
+    m.logit_softcap, m.zero_init_proj = 30.0, True
     t = c.train
     t.optimizer, t.muon_lr, t.muon_ns_steps = "muon", 0.01, 3
     # Muon needs no long warm-up, and the AdamW part (embeddings, head, norms)

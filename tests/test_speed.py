@@ -161,3 +161,11 @@ def test_bench_prints_one_json_line(text_file):
 def test_bench_rejects_bad_steps(text_file):
     res = run_cli("gptjax.bench", "--config", "configs/tiny.py", f"--config.data.path={text_file}", "--steps=0")
     assert res.returncode == 2 and res.stderr.startswith("error: ") and "Traceback" not in res.stderr
+
+
+def test_the_users_jax_compilation_cache_dir_wins(monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", "/cache-home")
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR")
+    assert runtime.compilation_cache_dir() == "/cache-home/gptjax/jax"
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "/my/jax-cache")
+    assert runtime.compilation_cache_dir() == "/my/jax-cache"
