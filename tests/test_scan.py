@@ -170,6 +170,7 @@ def _train_cfg():
     return t
 
 
+@pytest.mark.slow  # trains both layouts end to end
 def test_a_few_train_steps_with_scan_match_the_unrolled_run():
     from gptjax import config as config_lib
     from gptjax import sharding
