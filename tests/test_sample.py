@@ -78,6 +78,7 @@ def gen(trained_workdir):
     return sample_lib.Generator.from_workdir(trained_workdir)
 
 
+@pytest.mark.slow  # 600-token generations, several chunk sizes
 def test_api_generates_past_block_size_and_streams_the_same_text(gen):
     g = gen
     text = g.generate("First", max_new_tokens=40, seed=3)  # block_size is 16

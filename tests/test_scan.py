@@ -78,6 +78,7 @@ def test_scan_is_causal():
     assert not np.allclose(l1[:, 8:], l2[:, 8:])
 
 
+@pytest.mark.slow  # eager decoding, one compile per call
 def test_cached_decoding_with_scan_equals_recomputation():
     per_layer, scanned, _ = _pair()
     x = _tokens(2)

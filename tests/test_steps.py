@@ -92,6 +92,7 @@ def test_muon_updates_the_blocks_matrices_and_adamw_the_rest():
     np.testing.assert_allclose(np.median(d_wte[d_wte > 0]), cfg.train.lr, rtol=0.3)
 
 
+@pytest.mark.slow  # trains two Muon runs
 def test_more_newton_schulz_steps_give_a_more_orthogonal_update():
     spread = {}
     for ns in (1, 5):
