@@ -15,6 +15,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 
 def resolve_attention(impl: str, dtype: str, head_dim: int, backend: str | None = None) -> str:
@@ -47,7 +48,8 @@ def attention_probs(q_BxQxHxD, k_BxKxHxD, mask_QxK):
     scale = 1.0 / math.sqrt(q_BxQxHxD.shape[-1])
     scores = jnp.einsum("bqhd,bkhd->bhqk", q_BxQxHxD, k_BxKxHxD).astype(jnp.float32) * scale
     scores = jnp.where(mask_QxK, scores, jnp.finfo(jnp.float32).min)
-    return jax.nn.softmax(scores, axis=-1)
+    # Named for the scanned blocks' checkpoint policy (model.SAVED_ACTIVATIONS); an identity otherwise.
+    return jax.nn.softmax(checkpoint_name(scores, "attn_scores"), axis=-1)
 
 
 def attend(probs_BxHxQxK, v_BxKxHxD):

@@ -20,6 +20,8 @@ Calling the model:
 `cache` holds the keys and values of every layer (see `init_cache`); the call
 writes positions p..p+S-1 and attends to everything before them.
 `logits_at=i` (may be traced) returns only position i's logits, [B, 1, V].
+`gather_layer` (scan_layers with FSDP; see `sharding.compute_layout`) maps
+each layer's weights to their compute layout inside the scanned body.
 Dropout takes an explicit `dropout_key`, so the train step is a pure function
 of (state, batch, step).
 
@@ -39,6 +41,8 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx, traverse_util
+
+from jax.ad_checkpoint import checkpoint_name
 
 from gptjax import kernels
 
@@ -177,14 +181,14 @@ class CausalSelfAttention(nnx.Module):
 
     def __call__(self, x_BxTxD, *, cache=None, pos=None, dropout_key=None):
         B, T, D = x_BxTxD.shape
-        q, k, v = split_qkv(self.qkv(x_BxTxD), self.n_head)
+        q, k, v = split_qkv(checkpoint_name(self.qkv(x_BxTxD), "qkv"), self.n_head)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rope_base is not None:  # before the cache: it stores keys rotated at their positions
             positions = (0 if pos is None else pos) + jnp.arange(T)
             q, k = rope(q, positions, self.rope_base), rope(k, positions, self.rope_base)
         if cache is None and not self.record:
-            y = kernels.causal_attention(q, k, v, self.impl)
+            y = checkpoint_name(kernels.causal_attention(q, k, v, self.impl), "attn_ctx")
         else:
             if cache is None:
                 mask = kernels.causal_mask(T)
@@ -221,7 +225,7 @@ class MLP(nnx.Module):
         self.record = False
 
     def __call__(self, x_BxTxD, *, dropout_key=None):
-        h_BxTxF = ACTIVATION_FNS[self.activation](self.fc(x_BxTxD))
+        h_BxTxF = ACTIVATION_FNS[self.activation](checkpoint_name(self.fc(x_BxTxD), "mlp_pre"))
         if self.record:
             self.sow(nnx.Intermediate, "mlp_hidden", h_BxTxF)
         return dropout(self.proj(h_BxTxF), self.dropout_rate, dropout_key)
@@ -237,7 +241,7 @@ class Block(nnx.Module):
 
     def __call__(self, x, *, cache=None, pos=None, dropout_key=None):
         a, cache = self.attn(self.ln_1(x), cache=cache, pos=pos, dropout_key=_subkey(dropout_key, 0))
-        x = x + a
+        x = checkpoint_name(x + a, "resid_mid")
         x = x + self.mlp(self.ln_2(x), dropout_key=_subkey(dropout_key, 1))
         if self.record:
             self.sow(nnx.Intermediate, "out", x)
@@ -248,8 +252,23 @@ def _block_forward(block, x, dropout_key):
     return block(x, dropout_key=dropout_key)[0]
 
 
+# What a scanned block keeps for its backward pass, per layer (the `checkpoint_name`s above, ~12 D
+# floats per token): its input (kept by the scan), the fused q|k|v projection, the masked attention
+# scores, the attention output, the residual stream after attention and the MLP pre-activation.
+# The norms, the activation function and the softmax are recomputed from these in the backward pass.
+SAVED_ACTIVATIONS = ("qkv", "attn_scores", "attn_ctx", "resid_mid", "mlp_pre")
+
+
+def _scan_policy(prim, *args, **params) -> bool:
+    """`jax.checkpoint` policy of the scanned training block: the named activations, plus cuDNN's
+    fused attention outputs (its own residuals: recomputing them would run the kernel twice)."""
+    if prim.name.startswith("dot_product_attention_fwd"):
+        return True
+    return jax.checkpoint_policies.save_only_these_names(*SAVED_ACTIVATIONS)(prim, *args, **params)
+
+
 def _stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
-    """One Block whose every parameter has a leading [n_layer] axis (logical name None: replicated).
+    """One Block whose every parameter has a leading [n_layer] axis (logical name "layers": never split).
 
     The layers are built one by one from the same `rngs`, in the unrolled
     model's order, so the stacked weights equal the unrolled model's.
@@ -259,7 +278,7 @@ def _stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
 
     def stack(*vs):
         axes = vs[0].get_metadata().get("logical_axes") or (None,) * vs[0].value.ndim
-        return vs[0].replace(jnp.stack([v.value for v in vs]), logical_axes=(None, *axes))
+        return vs[0].replace(jnp.stack([v.value for v in vs]), logical_axes=("layers", *axes))
 
     states = [state] + [nnx.state(b) for b in layers[1:]]
     return nnx.merge(graphdef, jax.tree.map(stack, *states, is_leaf=lambda x: isinstance(x, nnx.Variable)))
@@ -289,14 +308,14 @@ class GPT(nnx.Module):
         if not cfg.tie_embeddings:
             self.lm_head = _linear(cfg, cfg.n_embd, cfg.vocab_size, ("embed", "vocab"), rngs=rngs, use_bias=False)
 
-    def __call__(self, tokens_BxT, *, cache=None, pos=0, dropout_key=None, logits_at=None):
+    def __call__(self, tokens_BxT, *, cache=None, pos=0, dropout_key=None, logits_at=None, gather_layer=None):
         B, T = tokens_BxT.shape
         x = self.wte(tokens_BxT)
         if self.wpe is not None:
             x = x + self.wpe(pos + jnp.arange(T))[None]
         x = dropout(x, self.cfg.dropout, _subkey(dropout_key, self.cfg.n_layer))
         if self.cfg.scan_layers:
-            x, new_cache = self._scan_blocks(x, cache, pos, dropout_key)
+            x, new_cache = self._scan_blocks(x, cache, pos, dropout_key, gather_layer)
         else:
             x, new_cache = self._loop_blocks(x, cache, pos, dropout_key)
         x = self.ln_f(x)
@@ -321,23 +340,42 @@ class GPT(nnx.Module):
                 new_cache.append(layer_cache)
         return x, new_cache
 
-    def _scan_blocks(self, x, cache, pos, dropout_key):
+    def _scan_blocks(self, x, cache, pos, dropout_key, gather_layer=None):
         """The stacked Block under `jax.lax.scan`: one compiled block whatever the depth.
 
         Layer i gets the unrolled model's dropout key and its slice of the
         stacked cache ([n_layer, B, S, H, K]). A recording pass sows each
-        activation once, stacked along a leading layer axis.
+        activation once, stacked along a leading layer axis. `gather_layer`
+        (FSDP, `sharding.compute_layout`) maps one layer's params to the
+        layout its block computes in.
         """
         graphdef, state = nnx.split(self.blocks)
         keys = None if dropout_key is None else jax.vmap(lambda i: jax.random.fold_in(dropout_key, i))(
             jnp.arange(self.cfg.n_layer))
         record = self.blocks.record
 
+        def layer_block(state_i):
+            if gather_layer is not None:
+                nnx.replace_by_pure_dict(state_i, gather_layer(nnx.to_pure_dict(state_i)))
+            return nnx.merge(graphdef, state_i)
+
+        def train_block(state_i, x, key_i):
+            return _block_forward(layer_block(state_i), x, key_i)
+
         def body(x, layer):
             state_i, cache_i, key_i = layer
-            block = nnx.merge(graphdef, state_i)
-            if self.cfg.remat and cache is None and not record:
-                return nnx.remat(_block_forward)(block, x, key_i), (None, None)
+            if cache is None and not record:
+                # Training: full remat keeps only the block's input; otherwise the block keeps
+                # SAVED_ACTIVATIONS. Left to itself, the scan stacks every intermediate autodiff
+                # keeps (LayerNorm and GELU pieces, a second copy of each weight): 32 D floats per
+                # token per layer at 128 wide, 4 heads, 64 positions, against 12 D with the policy,
+                # and writing and reading those stacks costs more than recomputing what they hold.
+                # The gather is inside the checkpoint: the backward pass gathers the layer again
+                # rather than keeping every layer's gathered weights.
+                remat = self.cfg.remat
+                step = jax.checkpoint(train_block, policy=None if remat else _scan_policy, prevent_cse=remat)
+                return step(state_i, x, key_i), (None, None)
+            block = layer_block(state_i)
             if record:
                 (x, cache_i), sown = nnx.capture(block, nnx.Intermediate)(x, cache=cache_i, pos=pos, dropout_key=key_i)
                 return x, (cache_i, nnx.to_pure_dict(sown))

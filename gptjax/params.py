@@ -22,7 +22,7 @@ EMBEDDINGS = ("wte", "wpe")  # looked up, not multiplied (but a tied wte is also
 # tree already in the asked layout unchanged. Leaves may be arrays or ShapeDtypeStructs (restore
 # targets: their NamedSharding loses or gains the replicated layer axis).
 
-def _is_per_layer(blocks) -> bool:
+def is_per_layer(blocks) -> bool:
     return isinstance(blocks, dict) and bool(blocks) and all(isinstance(k, int) for k in blocks)
 
 
@@ -54,7 +54,7 @@ def _stack(*xs):
 def stack_layers(tree):
     """Per-layer -> stacked layout (see above)."""
     def convert(blocks):
-        if not _is_per_layer(blocks):
+        if not is_per_layer(blocks):
             return blocks
         return jax.tree.map(_stack, *[blocks[i] for i in sorted(blocks)])
 
@@ -64,7 +64,7 @@ def stack_layers(tree):
 def unstack_layers(tree):
     """Stacked -> per-layer layout (see above)."""
     def convert(blocks):
-        if _is_per_layer(blocks):
+        if is_per_layer(blocks):
             return blocks
         n = jax.tree.leaves(blocks)[0].shape[0]
         return {i: jax.tree.map(lambda x: _layer_of(x, i), blocks) for i in range(n)}

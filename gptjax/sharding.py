@@ -25,6 +25,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from gptjax.errors import UserError
+from gptjax.params import is_per_layer
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -37,6 +38,7 @@ RULES = {
     "heads": "tensor",
     "qkv": "tensor",
     "mlp": "tensor",
+    "layers": None,  # the stacked blocks' leading axis (model.scan_layers): every device runs every layer
 }
 
 
@@ -123,7 +125,8 @@ def param_spec(axes, shape, mesh: Mesh) -> P:
         spec.append(axis)
     n = mesh.shape["fsdp"]
     if n > 1:
-        free = [i for i, a in enumerate(spec) if a is None and shape[i] % n == 0]
+        free = [i for i, (a, name) in enumerate(zip(spec, axes))
+                if a is None and name != "layers" and shape[i] % n == 0]
         if free:  # too small to split (e.g. a 65-token vocabulary by 8): stays replicated
             spec[max(free, key=lambda i: shape[i])] = "fsdp"
     return P(*spec)
@@ -157,6 +160,34 @@ def compute_shardings(params_sh):
     """
     return jax.tree.map(lambda s: NamedSharding(s.mesh, P(*(None if a == "fsdp" else a for a in s.spec))),
                         params_sh)
+
+
+def compute_layout(params_sh):
+    """How the forward and backward passes see the weights: (tree shardings, per-layer gather or None).
+
+    Unrolled blocks (or no FSDP): the whole tree is constrained to
+    `compute_shardings` before the forward pass, so every weight is gathered
+    at once. Stacked blocks (`model.scan_layers`) under FSDP stay in their
+    stored, sharded layout; the returned function, which the scanned body
+    applies to one layer's slice, gathers that layer just before its block
+    runs (and, inside the block's checkpoint, again in the backward pass),
+    and its transpose reduce-scatters that layer's gradient inside the loop.
+    A device then holds one layer's full weights at a time instead of the
+    whole model's (ZeRO-3).
+    """
+    gathered = compute_shardings(params_sh)
+    blocks = params_sh.get("blocks") if isinstance(params_sh, dict) else None
+    if not isinstance(blocks, dict) or is_per_layer(blocks) or jax.tree.leaves(blocks)[0].mesh.shape["fsdp"] == 1:
+        return gathered, None  # unrolled blocks, or nothing to gather
+    assert all(s.spec[:1] in ((), (None,)) for s in jax.tree.leaves(blocks)), "the layer axis is never split"
+    layer_stored = jax.tree.map(lambda s: NamedSharding(s.mesh, P(*s.spec[1:])), blocks)
+    layer_gathered = compute_shardings(layer_stored)
+
+    def gather_layer(layer_params):
+        layer_params = jax.lax.with_sharding_constraint(layer_params, layer_stored)
+        return jax.lax.with_sharding_constraint(layer_params, layer_gathered)
+
+    return {**gathered, "blocks": blocks}, gather_layer
 
 
 def opt_state_shardings(tx, abstract_params, params_sh, mesh: Mesh):

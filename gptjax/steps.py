@@ -28,9 +28,9 @@ def token_losses(logits_BxTxV, targets_BxT):
     return optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV.astype(jnp.float32), targets_BxT)
 
 
-def loss_fn(graphdef, params, x, y, dropout_key=None):
+def loss_fn(graphdef, params, x, y, dropout_key=None, gather_layer=None):
     """Mean token loss of the model `graphdef` + `params` on one batch."""
-    return token_losses(nnx.merge(graphdef, params)(x, dropout_key=dropout_key), y).mean()
+    return token_losses(nnx.merge(graphdef, params)(x, dropout_key=dropout_key, gather_layer=gather_layer), y).mean()
 
 
 def _schedule(t, peak: float):
@@ -152,10 +152,10 @@ def make_train_step(setup: TrainSetup, cfg, steps_per_call: int = 1):
     """
     graphdef, tx, grad_accum, dropout = setup.graphdef, setup.tx, cfg.train.grad_accum, cfg.model.dropout
     base_key = jax.random.key(cfg.train.seed)
-    gathered = sharding.compute_shardings(setup.params_sh)  # FSDP: weights gathered for compute
+    gathered, gather_layer = sharding.compute_layout(setup.params_sh)  # FSDP: weights gathered for compute
 
     def grads_of(params, x, y, key):
-        compute = lambda p: loss_fn(graphdef, jax.lax.with_sharding_constraint(p, gathered), x, y, key)
+        compute = lambda p: loss_fn(graphdef, jax.lax.with_sharding_constraint(p, gathered), x, y, key, gather_layer)
         return jax.value_and_grad(compute)(params)
 
     def accumulated(params, x, y, key):
@@ -200,9 +200,10 @@ def make_train_step(setup: TrainSetup, cfg, steps_per_call: int = 1):
 
 def make_eval_step(setup: TrainSetup):
     """jit(params, x, y) -> mean token loss of the batch."""
-    gathered = sharding.compute_shardings(setup.params_sh)
+    gathered, gather_layer = sharding.compute_layout(setup.params_sh)
     return jax.jit(
-        lambda params, x, y: loss_fn(setup.graphdef, jax.lax.with_sharding_constraint(params, gathered), x, y),
+        lambda params, x, y: loss_fn(setup.graphdef, jax.lax.with_sharding_constraint(params, gathered), x, y,
+                                     gather_layer=gather_layer),
         in_shardings=(setup.params_sh, setup.batch_sh, setup.batch_sh),
         out_shardings=setup.scalar_sh,
     )
@@ -215,12 +216,12 @@ def make_eval_sum_step(graphdef, params_sh=None, batch_sh=None, scalar_sh=None):
     compiled shape scores every batch. Without shardings it runs on the
     default device (sampling/eval of a loaded workdir).
     """
-    gathered = sharding.compute_shardings(params_sh) if params_sh is not None else None
+    gathered, gather_layer = sharding.compute_layout(params_sh) if params_sh is not None else (None, None)
 
     def eval_sum(params, x, y, w):
         if gathered is not None:
             params = jax.lax.with_sharding_constraint(params, gathered)
-        losses = token_losses(nnx.merge(graphdef, params)(x), y)
+        losses = token_losses(nnx.merge(graphdef, params)(x, gather_layer=gather_layer), y)
         return (losses.sum(axis=-1) * w).sum()
 
     if params_sh is None:

@@ -60,6 +60,36 @@ def test_scan_gives_the_unrolled_logits_losses_and_gradients(kw):
     jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, atol=1e-5), params_lib.unstack_layers(gb), ga)
 
 
+def _stacked_residuals(**kw):
+    """Per-token float counts of what the forward scan of a training gradient stacks for the backward."""
+    _, scanned, params = _pair(**kw)
+    graphdef = nnx.graphdef(scanned)
+    x, y = _tokens(0), _tokens(1)
+    jaxpr = jax.make_jaxpr(jax.grad(lambda p: steps.loss_fn(graphdef, p, x, y)))(params_lib.stack_layers(params))
+    forward = next(e for e in jaxpr.eqns if e.primitive.name == "scan")
+    B, T = x.shape
+    ys = forward.outvars[forward.params["num_carry"]:]
+    assert all(v.aval.shape[:2] == (KW["n_layer"], B) for v in ys), [v.aval.shape for v in ys]
+    return sorted(int(np.prod(v.aval.shape[2:])) // T for v in ys)
+
+
+def test_scanned_training_stacks_only_the_saved_activations():
+    # Left to autodiff, the scan stacks 20-odd intermediates per layer (LayerNorm and GELU pieces, a
+    # copy of each weight); model.SAVED_ACTIVATIONS keeps the block input, q|k|v, the attention
+    # scores, the attention output, the mid-block residual and the MLP pre-activation.
+    D, H, T = KW["n_embd"], KW["n_head"], KW["block_size"]
+    assert _stacked_residuals() == sorted([D, 3 * D, H * T, D, D, 4 * D])
+    assert _stacked_residuals(remat=True) == [D]  # full remat: the block input alone
+
+
+def test_scan_policy_keeps_cudnn_attention_residuals():
+    # cuDNN's fused attention returns its own residuals; recomputing them would run the kernel twice.
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn
+
+    assert model_lib._scan_policy(cudnn._dot_product_attention_fwd_p_wrapper)
+    assert not model_lib._scan_policy(jax.lax.exp_p)
+
+
 def test_scan_unroll_sets_the_blocks_per_iteration():
     for unroll in (1, 2):
         _, scanned, _ = _pair(scan_unroll=unroll)
@@ -151,7 +181,7 @@ def test_param_counts_report_each_layer():
     b = params_lib.param_counts(nnx.to_pure_dict(nnx.state(scanned)))
     assert a == b and "blocks.2" in b and "blocks.3" not in b
     axes = params_lib.logical_axes(scanned)["blocks"]
-    assert axes["attn"]["qkv"]["kernel"] == (None, "embed", "qkv")  # the layer axis replicated
+    assert axes["attn"]["qkv"]["kernel"] == ("layers", "embed", "qkv")  # the layer axis: never split
     assert axes["ln_1"]["scale"] == (None, "embed")
 
 

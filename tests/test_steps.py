@@ -5,10 +5,13 @@ The 8-device Muon test runs inside test_sharding.py::test_eight_device_tests
 """
 
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from conftest import eight_devices, outer, small_config
 from gptjax import config as config_lib
@@ -163,6 +166,52 @@ def test_muon_on_a_sharded_mesh_gives_the_one_device_losses(mesh):
         mu = [x for p, x in jax.tree_util.tree_leaves_with_path(state["opt_state"])
               if "mu" in jax.tree_util.keystr(p) and x.shape == kernel.shape]
         assert mu and all(x.sharding == kernel.sharding for x in mu)
+
+
+@eight_devices
+@pytest.mark.parametrize("mesh", [(1, 8, 1), (2, 2, 2)])
+def test_scanned_blocks_under_fsdp_gather_one_layer_at_a_time(mesh, monkeypatch):
+    overrides = {"model.n_embd": 64, "model.n_layer": 4}
+    want, _ = losses_of(step_config(**overrides), one_device_mesh())  # unrolled, one device
+    c = step_config(**overrides, **{"model.scan_layers": True})
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh
+    m = sharding.make_mesh(c.mesh, jax.devices())
+    got, state = losses_of(c, m)
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    kernel = state["params"]["blocks"]["mlp"]["fc"]["kernel"]  # [L, D, 4D], stored split, layer axis whole
+    assert kernel.sharding.spec[0] is None and "fsdp" in kernel.sharding.spec
+    assert kernel.addressable_shards[0].data.shape[0] == 4
+
+    def compiled():
+        setup = steps.init_train_state(c, m, abstract=True)
+        x = jax.ShapeDtypeStruct((8, 16), jnp.int32, sharding=setup.batch_sh)
+        return steps.make_train_step(setup, c).lower(setup.state, x, x).compile()
+
+    def temporaries():
+        return compiled().memory_analysis().temp_size_in_bytes
+
+    # Only weights travel: every all-gather yields one layer's (or a non-block) weight, and no
+    # activation is gathered, permuted or all-reduced. Left to XLA's propagation, the stacked
+    # weights' split would spread to the activations, which then move between devices.
+    def compute_shape(a, stacked):  # one device's share of a weight, FSDP gathered, tensor split kept
+        spec, shape = (tuple(a.sharding.spec)[1:], a.shape[1:]) if stacked else (tuple(a.sharding.spec), a.shape)
+        return tuple(NamedSharding(m, P(*(None if s == "fsdp" else s for s in spec))).shard_shape(shape))
+
+    params = state["params"]
+    weight_shapes = {compute_shape(a, k == "blocks") for k, v in params.items() for a in jax.tree.leaves(v)}
+    hlo = compiled().as_text()
+    gathered = {tuple(int(d) for d in dims.split(",") if d)
+                for dims in re.findall(r"= f32\[([\d,]*)\]\S* all-gather\(", hlo)}
+    assert gathered and gathered <= weight_shapes, gathered - weight_shapes
+    assert "collective-permute" not in hlo and "all-to-all" not in hlo
+
+    per_layer = temporaries()
+    # Gathering the whole tree before the forward pass (the unrolled model's way) holds every
+    # layer's full weights and gradients at once: several times the per-layer temporaries here.
+    monkeypatch.setattr(sharding, "compute_layout", lambda params_sh: (sharding.compute_shardings(params_sh), None))
+    whole_tree = temporaries()
+    weights = 4 * 12 * 64 * 64 * 4 // mesh[2]  # float32 blocks, gathered over fsdp (tensor shards kept)
+    assert whole_tree - per_layer > weights, (whole_tree, per_layer)
 
 
 def test_switching_the_optimizer_on_resume_is_refused():
