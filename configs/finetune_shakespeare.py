@@ -20,6 +20,7 @@ def get_config(size=None):
     c = base_config()
     c.workdir = f"runs/finetune-shakespeare-{size}"
     c.train.init_from = f"hf:{size}"
+    c.model.scan_layers = True  # GPT-2 sizes (12-48 layers): one compiled block (docs/scan_layers.md)
     c.model.block_size = 256  # a crop of GPT-2's 1024 positions: cheaper steps, enough for dialogue
     c.data.dataset = "tinyshakespeare"  # data.tokenizer is left at its default: the checkpoint's is used
     c.train.steps, c.train.batch_size, c.train.grad_accum = 200, 8, 1

@@ -28,6 +28,7 @@ def get_config(size=None):
     if size == "gpt2":
         c.model.n_layer, c.model.n_head, c.model.n_embd, c.model.block_size = 12, 12, 768, 1024
         c.train.steps, c.train.batch_size, c.train.warmup_steps = 600_000, 480, 2000
+        c.model.scan_layers = True  # GPT-2 sizes: one compiled block, one gathered layer at a time (docs/scan_layers.md)
     else:
         c.model.n_layer, c.model.n_head, c.model.n_embd, c.model.block_size = 6, 6, 384, 512
         c.train.steps, c.train.batch_size, c.train.warmup_steps = 50_000, 64, 1000

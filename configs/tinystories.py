@@ -47,6 +47,7 @@ def get_config(size=None):
             c.train.batch_size, c.train.lr, c.train.min_lr = 64, 6e-4, 6e-5
         else:
             c.model.n_layer, c.model.n_head, c.model.n_embd, c.model.block_size = 12, 12, 768, 1024
+            c.model.scan_layers = True  # GPT-2 sizes: one compiled block, one gathered layer at a time (docs/scan_layers.md)
             c.train.batch_size, c.train.lr, c.train.min_lr = 64, 6e-4, 6e-5
         c.train.steps, c.train.warmup_steps, c.train.beta2 = 20000, 1000, 0.95
         c.train.eval_every, c.train.eval_steps, c.train.checkpoint_every = 1000, 100, 1000

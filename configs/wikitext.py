@@ -39,6 +39,7 @@ def get_config(size=None):
     else:
         c.data.dataset, c.data.tokenizer = "wikitext103", "gpt2"
         c.model.n_layer, c.model.n_head, c.model.n_embd, c.model.block_size = 12, 12, 768, 1024
+        c.model.scan_layers = True  # GPT-2 sizes: one compiled block, one gathered layer at a time (docs/scan_layers.md)
         c.model.dtype = "bfloat16"
         c.train.steps, c.train.batch_size, c.train.lr, c.train.min_lr = 50000, 64, 6e-4, 6e-5
         c.train.warmup_steps, c.train.beta2 = 2000, 0.95

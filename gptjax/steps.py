@@ -115,7 +115,8 @@ class TrainSetup:
 
 
 def init_train_state(cfg, mesh, params=None, abstract: bool = False) -> TrainSetup:
-    """Fresh parameters (from train.seed, or `params` given) and optimizer state, laid out on `mesh`.
+    """Fresh parameters (from train.seed, or `params` given, in either layer layout) and optimizer state,
+    laid out on `mesh`.
 
     `abstract=True` allocates nothing: the state holds ShapeDtypeStructs with
     their shardings, enough to lower and compile the steps (gptjax.plan).
@@ -133,7 +134,11 @@ def init_train_state(cfg, mesh, params=None, abstract: bool = False) -> TrainSet
                   "step": jax.ShapeDtypeStruct((), jnp.int32)}
         state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, state_sh)
     else:
-        params = init_params(cfg.model, t.seed, params_sh) if params is None else jax.device_put(params, params_sh)
+        if params is None:
+            params = init_params(cfg.model, t.seed, params_sh)
+        else:  # pretrained weights come per layer (GPT-2, checkpoints): stacked for a scanned model
+            layout = params_lib.stack_layers if cfg.model.get("scan_layers", False) else params_lib.unstack_layers
+            params = jax.device_put(layout(params), params_sh)
         state = {"params": params, "opt_state": jax.jit(tx.init, out_shardings=opt_sh)(params),
                  "step": jax.device_put(jnp.zeros((), jnp.int32), scalar_sh)}
     return TrainSetup(mesh, nnx.graphdef(model), tx, schedule, state, state_sh,

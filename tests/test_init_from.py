@@ -59,6 +59,24 @@ def test_initial_params_crop_the_positions_and_keep_the_weights(tiny):
                                   tiny.params["blocks"][1]["mlp"]["fc"]["kernel"])
 
 
+def test_a_scanned_model_starts_from_the_per_layer_weights(tiny):
+    import jax
+
+    from gptjax import config as config_lib
+    from gptjax import sharding, steps
+
+    losses = []
+    for scan in (False, True):
+        cfg = finetune_config(block_size=32, scan_layers=scan)
+        init_from.adopt(cfg, tiny)
+        setup = steps.init_train_state(cfg, sharding.make_mesh(config_lib.base_config().mesh, jax.devices()[:1]),
+                                       params=init_from.initial_params(tiny, cfg.model, None))
+        x = np.random.default_rng(0).integers(0, cfg.model.vocab_size, (2, 33))
+        losses.append(float(steps.make_eval_step(setup)(setup.state["params"], x[:, :-1], x[:, 1:])))
+    assert setup.state["params"]["blocks"]["mlp"]["fc"]["kernel"].shape == (2, 96, 384)
+    np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)
+
+
 def test_a_missing_workdir_is_a_clear_error(tmp_path):
     with pytest.raises(UserError, match="no such workdir"):
         init_from.read(str(tmp_path / "nothing"))

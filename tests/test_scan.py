@@ -182,7 +182,7 @@ def test_param_counts_report_each_layer():
     assert a == b and "blocks.2" in b and "blocks.3" not in b
     axes = params_lib.logical_axes(scanned)["blocks"]
     assert axes["attn"]["qkv"]["kernel"] == ("layers", "embed", "qkv")  # the layer axis: never split
-    assert axes["ln_1"]["scale"] == (None, "embed")
+    assert axes["ln_1"]["scale"] == ("layers", "embed")
 
 
 def test_int8_quantization_of_a_scanned_model_is_one_clear_error():

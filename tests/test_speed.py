@@ -169,3 +169,36 @@ def test_the_users_jax_compilation_cache_dir_wins(monkeypatch):
     assert runtime.compilation_cache_dir() == "/cache-home/gptjax/jax"
     monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "/my/jax-cache")
     assert runtime.compilation_cache_dir() == "/my/jax-cache"
+
+
+def test_parse_compare_reads_literals_and_bare_words():
+    from gptjax import bench
+    from gptjax.errors import UserError
+
+    assert bench.parse_compare("model.scan_layers=False,True") == ("model.scan_layers", [False, True])
+    assert bench.parse_compare("train.optimizer=adamw,muon") == ("train.optimizer", ["adamw", "muon"])
+    assert bench.parse_compare("model.n_layer=2, 4,8") == ("model.n_layer", [2, 4, 8])
+    for bad in ("model.scan_layers=True", "scan_layers=False,True", "model.scan_layers", "model.x=1,"):
+        with pytest.raises(UserError, match="--compare takes"):
+            bench.parse_compare(bad)
+
+
+@pytest.mark.slow
+def test_bench_compare_times_each_value_in_alternating_rounds(text_file):
+    res = run_cli("gptjax.bench", "--config", "configs/tiny.py", f"--config.data.path={text_file}",
+                  "--config.model.n_layer=2", "--config.model.n_embd=32", "--config.model.block_size=16",
+                  "--config.train.batch_size=4", "--config.train.steps_per_call=1", "--steps=6", "--warmup=1",
+                  "--compare=model.scan_layers=False,True", "--rounds=3")
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["key"] == "model.scan_layers" and out["rounds"] == 3
+    assert [v["value"] for v in out["variants"]] == [False, True]
+    assert [v["config"]["scan_layers"] for v in out["variants"]] == [False, True]
+    assert all(v["timed_steps"] == 6 and v["ms_per_step"] > 0 for v in out["variants"])
+    first, second = out["ratio_to_first"]
+    assert first["median"] == 1.0 and second["median"] > 0
+    assert second["spread"][0] <= second["median"] <= second["spread"][1]
+    assert "round 3/3" in res.stderr
+    bad = run_cli("gptjax.bench", "--config", "configs/tiny.py", f"--config.data.path={text_file}",
+                  "--compare=model.scan_layers=False,7")
+    assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "Traceback" not in bad.stderr
