@@ -8,7 +8,9 @@ those names to mesh axes in one place, and `param_spec` adds FSDP on top:
           each device computes whole heads and a slice of the MLP.
   fsdp    every parameter (and, through `opt_state_shardings`, its Adam
           moments) is split along its largest dimension not already split,
-          which fsdp divides; XLA gathers it just in time for the matmul.
+          which fsdp divides; it is gathered for compute (`compute_layout`):
+          the whole tree before the forward pass, or with stacked blocks
+          one layer at a time inside the scan.
   data    replicas; the batch is split over data x fsdp.
 
 The train step is one `jax.jit` with these shardings as in/out shardings; the

@@ -4,6 +4,7 @@ Tests marked `eight_devices` need 8 CPU devices: they run inside
 test_sharding.py::test_eight_device_tests (conftest.eight_devices).
 """
 
+import re
 import subprocess
 import sys
 
@@ -71,14 +72,19 @@ def test_sharded_steps_lower_for_tpu_and_cuda(mesh_name, dtype, platform):
 
 @eight_devices
 @pytest.mark.parametrize("mesh_name", list(MESHES))
-def test_scanned_steps_lower_for_tpu_with_the_layer_axis_replicated(mesh_name):
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+def test_scanned_steps_lower_with_the_layer_axis_replicated(mesh_name, platform):
     from gptjax import steps
 
-    cfg = small_cfg(MESHES[mesh_name])
+    cfg = small_cfg(MESHES[mesh_name], "bfloat16")
     cfg.model.scan_layers = True
     mesh = sharding.make_mesh(cfg.mesh)
-    exported = plan.export_steps(cfg, mesh, "tpu")
-    assert exported["train"].platforms == ("tpu",) and exported["train"].nr_devices == 8
+    exported = plan.export_steps(cfg, mesh, platform)
+    assert exported["train"].platforms == (platform,) and exported["train"].nr_devices == 8
+    if MESHES[mesh_name][1] > 1:  # FSDP: one layer's qkv kernel [D, 3D] constrained to its gathered layout
+        constraints = re.findall(r"sdy.sharding_constraint %\S+ <@mesh, (\[[^\]]*\])> : tensor<64x192xf32>",
+                                 exported["train"].mlir_module())
+        assert constraints and any("fsdp" not in c for c in constraints), constraints
     state = steps.init_train_state(cfg, mesh, abstract=True).state  # cfg: resolved for TPU by export_steps
     got = _param_shardings(exported["train"], mesh, state)
     assert "blocks.0.attn.qkv.kernel" not in got
