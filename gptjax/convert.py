@@ -25,6 +25,7 @@ from absl import app, flags, logging
 from gptjax import config as config_lib
 from gptjax import hf
 from gptjax import init_from
+from gptjax import params as params_lib
 from gptjax.checkpoint import Checkpointer
 from gptjax.errors import UserError, exit_with
 from gptjax.steps import make_optimizer
@@ -123,7 +124,8 @@ def export_hf(workdir: str, out: str, overwrite: bool = False, log=print) -> Non
         raise UserError(f"{workdir} holds an {run.quantized} quantized model; export the float workdir.")
     m = run.cfg.model
     config = hf.hf_config_from_model(m, run.tokenizer.eot_id)
-    tensors = hf.params_to_hf(jax.device_get(run.params), m)
+    # HF keeps one tensor per layer: a scanned model's stacked blocks are split first.
+    tensors = hf.params_to_hf(params_lib.unstack_layers(jax.device_get(run.params)), m)
     files, note = hf.tokenizer_files(run.tokenizer, m.block_size)
     from safetensors.numpy import save_file
 

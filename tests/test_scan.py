@@ -226,3 +226,39 @@ def test_a_few_train_steps_with_scan_match_the_unrolled_run():
     assert losses[True][-1] < losses[True][0]
     np.testing.assert_allclose(losses[True], losses[False], rtol=1e-5)
     assert params["blocks"]["mlp"]["fc"]["kernel"].shape == (3, 32, 128)
+
+
+@pytest.mark.slow  # trains, samples, exports and resumes a scanned run in-process
+def test_a_scanned_run_samples_exports_and_resumes_unrolled(tmp_path):
+    from conftest import SAMPLE_TEXT, load_params, small_config
+    from gptjax import convert
+    from gptjax.sample import Generator
+    from gptjax.trainer import build
+    from gptjax.workdir import load_run
+
+    text = tmp_path / "corpus.txt"
+    text.write_text(SAMPLE_TEXT, encoding="utf-8")
+    cfg = small_config(str(text), tmp_path / "run", **{"model.scan_layers": True, "train.steps": 4,
+                                                       "train.checkpoint_every": 4, "train.eval_every": 4})
+    build(cfg, cfg.workdir, quiet=True).train()
+    saved, step = load_params(cfg.workdir)
+    assert step == 4 and sorted(saved["blocks"]) == ["0", "1"]  # on disk: per layer
+
+    run = load_run(cfg.workdir)  # the scanned model, stacked from the per-layer checkpoint
+    assert run.params["blocks"]["mlp"]["fc"]["kernel"].shape[0] == 2
+    out = Generator(run).samples("Fi", max_new_tokens=8, temperature=1e-3, seed=0)[0]
+    assert out.startswith("Fi") and len(out) == 10
+
+    convert.export_hf(cfg.workdir, str(tmp_path / "hf"), log=lambda *_: None)
+    convert.import_hf(str(tmp_path / "hf"), str(tmp_path / "back"), log=lambda *_: None)
+    back = load_run(str(tmp_path / "back"))
+    per_layer = params_lib.unstack_layers(jax.device_get(run.params))
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), per_layer,
+                 jax.device_get(back.params))
+
+    cfg.model.scan_layers, cfg.train.steps = False, 6  # scan_layers is a free key on resume
+    cfg.train.allow_config_change = True  # for the longer schedule
+    resumed = build(cfg, cfg.workdir, quiet=True)
+    assert resumed.start == 4
+    resumed.train()
+    assert load_params(cfg.workdir)[1] == 6

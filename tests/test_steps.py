@@ -187,9 +187,6 @@ def test_scanned_blocks_under_fsdp_gather_one_layer_at_a_time(mesh, monkeypatch)
         x = jax.ShapeDtypeStruct((8, 16), jnp.int32, sharding=setup.batch_sh)
         return steps.make_train_step(setup, c).lower(setup.state, x, x).compile()
 
-    def temporaries():
-        return compiled().memory_analysis().temp_size_in_bytes
-
     # Only weights travel: every all-gather yields one layer's (or a non-block) weight, and no
     # activation is gathered, permuted or all-reduced. Left to XLA's propagation, the stacked
     # weights' split would spread to the activations, which then move between devices.
@@ -199,19 +196,21 @@ def test_scanned_blocks_under_fsdp_gather_one_layer_at_a_time(mesh, monkeypatch)
 
     params = state["params"]
     weight_shapes = {compute_shape(a, k == "blocks") for k, v in params.items() for a in jax.tree.leaves(v)}
-    hlo = compiled().as_text()
+    per_layer = compiled()
+    hlo = per_layer.as_text()
     gathered = {tuple(int(d) for d in dims.split(",") if d)
                 for dims in re.findall(r"= f32\[([\d,]*)\]\S* all-gather\(", hlo)}
     assert gathered and gathered <= weight_shapes, gathered - weight_shapes
     assert "collective-permute" not in hlo and "all-to-all" not in hlo
 
-    per_layer = temporaries()
-    # Gathering the whole tree before the forward pass (the unrolled model's way) holds every
-    # layer's full weights and gradients at once: several times the per-layer temporaries here.
-    monkeypatch.setattr(sharding, "compute_layout", lambda params_sh: (sharding.compute_shardings(params_sh), None))
-    whole_tree = temporaries()
-    weights = 4 * 12 * 64 * 64 * 4 // mesh[2]  # float32 blocks, gathered over fsdp (tensor shards kept)
-    assert whole_tree - per_layer > weights, (whole_tree, per_layer)
+    if mesh == (1, 8, 1):
+        # Gathering the whole tree before the forward pass (the unrolled model's way) holds every
+        # layer's full weights and gradients at once: far more temporaries than one layer at a time.
+        monkeypatch.setattr(sharding, "compute_layout",
+                            lambda params_sh: (sharding.compute_shardings(params_sh), None))
+        whole_tree = compiled().memory_analysis().temp_size_in_bytes
+        weights = 4 * 12 * 64 * 64 * 4  # the float32 blocks, unsplit
+        assert whole_tree - per_layer.memory_analysis().temp_size_in_bytes > weights
 
 
 def test_switching_the_optimizer_on_resume_is_refused():
