@@ -229,16 +229,14 @@ def test_a_few_train_steps_with_scan_match_the_unrolled_run():
 
 
 @pytest.mark.slow  # trains, samples, exports and resumes a scanned run in-process
-def test_a_scanned_run_samples_exports_and_resumes_unrolled(tmp_path):
-    from conftest import SAMPLE_TEXT, load_params, small_config
+def test_a_scanned_run_samples_exports_and_resumes_unrolled(text_file, tmp_path):
+    from conftest import load_params, small_config
     from gptjax import convert
     from gptjax.sample import Generator
     from gptjax.trainer import build
     from gptjax.workdir import load_run
 
-    text = tmp_path / "corpus.txt"
-    text.write_text(SAMPLE_TEXT, encoding="utf-8")
-    cfg = small_config(str(text), tmp_path / "run", **{"model.scan_layers": True, "train.steps": 4,
+    cfg = small_config(text_file, tmp_path / "run", **{"model.scan_layers": True, "train.steps": 4,
                                                        "train.checkpoint_every": 4, "train.eval_every": 4})
     build(cfg, cfg.workdir, quiet=True).train()
     saved, step = load_params(cfg.workdir)
